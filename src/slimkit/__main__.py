@@ -1,0 +1,5 @@
+"""``python -m slimkit``: the command line."""
+
+from slimkit.cli import run
+
+run()

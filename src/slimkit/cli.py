@@ -1,0 +1,282 @@
+"""Command line: ``slimkit tasks | compress | eval | demo``.
+
+Exit codes: 0 ok; 2 bad input or usage (one clear line, no traceback); 1 internal error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from slimkit import pipeline
+from slimkit.errors import SlimkitError, TaskError
+from slimkit.recipe import Recipe, resolve
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from slimkit.evaluate.result import Report
+    from slimkit.evaluate.runner import Candidate
+    from slimkit.tasks.base import Task
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Make trained PyTorch models smaller and faster, and measure what it cost.",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+DEMO_TASKS = ("digits-lenet", "minilm-topics")
+DEMO_RECIPES = ("w8-rtn", "prune-magnitude-50")
+
+TaskOpt = Annotated[str, typer.Option("--task", "-t", help="Built-in task name (see `tasks`).")]
+ModelDirOpt = Annotated[
+    Path | None, typer.Option("--model-dir", help="Hugging Face model directory (task hf).")
+]
+DataOpt = Annotated[Path | None, typer.Option("--data", help="JSONL data file (task hf).")]
+RunsOpt = Annotated[int, typer.Option("--runs", min=10, help="Timed warm runs per model.")]
+BatchOpt = Annotated[int | None, typer.Option("--batch", min=1, help="Latency batch size.")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="Torch CPU threads.")]
+
+
+@contextlib.contextmanager
+def _progress() -> Iterator[Callable[[str], None]]:
+    """A rich progress display; yields ``step(description)`` marking each unit of work."""
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        job = bar.add_task("starting", total=None)
+
+        def step(description: str) -> None:
+            bar.update(job, description=description)
+
+        yield step
+
+
+def _make_task(name: str, model_dir: Path | None, data: Path | None) -> Task:
+    from slimkit import tasks
+
+    if name == "hf":
+        if model_dir is None or data is None:
+            raise TaskError("task 'hf' needs --model-dir DIR and --data FILE.jsonl")
+        return tasks.get("hf", model_dir=model_dir, data=data)
+    if model_dir is not None or data is not None:
+        raise TaskError(f"--model-dir and --data go with --task hf, not with {name!r}")
+    return tasks.get(name)
+
+
+@app.command("tasks")
+def tasks_cmd() -> None:
+    """List the built-in tasks."""
+    from slimkit import tasks
+
+    table = Table(title="built-in tasks")
+    table.add_column("task")
+    table.add_column("description")
+    for name, description in tasks.describe():
+        table.add_row(name, description)
+    console.print(table)
+
+
+@app.command("compress")
+def compress_cmd(
+    task: TaskOpt,
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="Recipe YAML (or shipped name).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
+    model_dir: ModelDirOpt = None,
+    data: DataOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an artifact.")] = False,
+    runs: RunsOpt = 10,
+    batch: BatchOpt = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Evaluate the baseline, compress, save, reload from disk, evaluate, report."""
+    from slimkit.io.artifact import check_target
+
+    rec = Recipe.from_file(resolve(recipe))  # every input checked before any work
+    check_target(out, overwrite, how="pass --overwrite")
+    the_task = _make_task(task, model_dir, data)
+    with _progress() as step, tempfile.TemporaryDirectory(prefix="slimkit-baseline-") as tmp:
+        step(f"loading {the_task.name}")
+        model = the_task.model()
+        pipeline.precheck(model, rec)  # finite weights, patterns that match: before any work
+        baseline = _baseline(model, the_task, Path(tmp) / "fp32", step)
+        candidate = _compressed(model, rec, the_task, out, overwrite, step)
+        report = _evaluate(the_task, [baseline, candidate], runs, batch, threads, step)
+    _finish([report], out)
+
+
+@app.command("eval")
+def eval_cmd(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory.")],
+    task: Annotated[str | None, typer.Option("--task", "-t", help="Task to evaluate on.")] = None,
+    model_dir: ModelDirOpt = None,
+    data: DataOpt = None,
+    runs: RunsOpt = 10,
+    batch: BatchOpt = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Evaluate an artifact beside its task's fp32 baseline."""
+    from slimkit import tasks
+    from slimkit.io.artifact import load, read_manifest
+
+    manifest = read_manifest(artifact)
+    if task is not None:
+        the_task = _make_task(task, model_dir, data)
+    elif "task" in manifest["source"]:
+        the_task = tasks.from_source(manifest["source"])
+    else:
+        raise TaskError(f"{artifact} records no task; pass --task")
+    recipe_name = (manifest.get("recipe") or {}).get("name")
+    with _progress() as step, tempfile.TemporaryDirectory(prefix="slimkit-baseline-") as tmp:
+        step(f"loading {artifact}")
+        model = load(artifact)
+        baseline = _baseline(the_task.model(), the_task, Path(tmp) / "fp32", step)
+        candidate = _candidate(recipe_name or artifact.name, model, artifact, recipe_name)
+        report = _evaluate(the_task, [baseline, candidate], runs, batch, threads, step)
+    _show(report)
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path(
+        "slimkit-demo"
+    ),
+    runs: RunsOpt = 10,
+) -> None:
+    """The shipped recipes on digits-lenet and minilm-topics; a combined report in OUT."""
+    from slimkit import tasks
+
+    recipes = [Recipe.from_file(resolve(name)) for name in DEMO_RECIPES]
+    reports = []
+    for name in DEMO_TASKS:
+        the_task = tasks.get(name)
+        with _progress() as step:
+            step(f"loading {name}")
+            model = the_task.model()
+            cands = [_baseline(model, the_task, out / name / "fp32", step, overwrite=True)]
+            for rec in recipes:
+                dest = out / name / rec.name
+                cands.append(_compressed(copy.deepcopy(model), rec, the_task, dest, True, step))
+            report = _evaluate(the_task, cands, runs, None, None, step)
+        _finish([report], out / name)
+        reports.append(report)
+    from slimkit.report.write import write_report
+
+    write_report(reports, out)
+    console.print(
+        f"combined report: {out / 'report.md'}, {out / 'report.json'}, {out / 'pareto.png'}"
+    )
+
+
+def _baseline(
+    model: nn.Module, task: Task, dest: Path, step: Callable[[str], None], overwrite: bool = False
+) -> Candidate:
+    """Save the fp32 model the same way as any artifact, and reload it from disk."""
+    from slimkit.io.artifact import load, save
+
+    step("saving the fp32 baseline")
+    save(model, dest, task=task, overwrite=overwrite)
+    return _candidate("fp32", load(dest), dest, None)
+
+
+def _compressed(
+    model: nn.Module,
+    rec: Recipe,
+    task: Task,
+    dest: Path,
+    overwrite: bool,
+    step: Callable[[str], None],
+) -> Candidate:
+    """Compress, save atomically, and reload from disk: the reloaded model is evaluated."""
+    import time
+
+    from slimkit.api import compress
+    from slimkit.io.artifact import load, save
+
+    start = time.perf_counter()
+    compressed = compress(model, rec, task=task, progress=lambda s: step(f"{rec.name}: {s}"))
+    seconds = time.perf_counter() - start
+    step(f"{rec.name}: saving to {dest}")
+    save(compressed, dest, overwrite=overwrite, task=task)
+    return _candidate(rec.name, load(dest), dest, rec.name, [f"compressed in {seconds:.1f} s"])
+
+
+def _candidate(
+    name: str, model: nn.Module, path: Path, recipe: str | None, notes: list[str] | None = None
+) -> Candidate:
+    from slimkit.evaluate.runner import Candidate
+
+    return Candidate(name=name, model=model, artifact_dir=path, recipe=recipe, notes=notes or [])
+
+
+def _evaluate(
+    task: Task,
+    cands: list[Candidate],
+    runs: int,
+    batch: int | None,
+    threads: int | None,
+    step: Callable[[str], None],
+) -> Report:
+    from slimkit.evaluate.runner import evaluate_candidates
+
+    return evaluate_candidates(task, cands, runs=runs, batch=batch, threads=threads, progress=step)
+
+
+def _show(report: Report) -> None:
+    from slimkit.report.table import render_table
+
+    render_table(report, console)
+
+
+def _finish(reports: list[Report], out: Path) -> None:
+    from slimkit.report.write import write_report
+
+    for report in reports:
+        _show(report)
+    write_report(reports[0] if len(reports) == 1 else reports, out)
+    console.print(f"report: {out / 'report.md'}, {out / 'report.json'}, {out / 'pareto.png'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: maps bad input to exit 2 with one line, internal errors to exit 1."""
+    try:
+        result = app(args=argv, standalone_mode=False)
+    except typer.Abort:
+        err_console.print("aborted")
+        return 1
+    except typer.Exit as e:
+        return int(e.exit_code)
+    except typer.TyperException as e:  # usage errors: one line, exit 2
+        show = getattr(e, "show", None)
+        if callable(show):
+            show(file=sys.stderr)
+        return 2
+    except SlimkitError as e:
+        err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    except Exception:
+        traceback.print_exc()
+        err_console.print("internal error (a bug in slimkit): please report it with the above")
+        return 1
+    return result if isinstance(result, int) else 0
+
+
+def run() -> None:
+    """Console-script wrapper around ``main``."""
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Compressed modules: store the compressed form, run from it, rebuild from a spec.
+
+Every compressed module subclasses ``CompressedModule`` and registers itself with
+``@compressed_module``. Saving records ``type(m).__name__`` and ``m.spec()`` for each one;
+loading calls ``from_spec(spec)`` to get an empty module whose buffers have the right shapes,
+then fills them from ``model.safetensors``. Standard torch layers whose shape a technique
+changed are rebuilt the same way through ``standard_spec`` / ``standard_from_spec``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+M = TypeVar("M", bound="type[CompressedModule]")
+
+_MODULES: dict[str, type[CompressedModule]] = {}
+
+
+class CompressedModule(nn.Module):
+    """Base of modules that hold a compressed form of a layer."""
+
+    #: True when the layer only simulates its compression (fake quant, a mask over dense
+    #: weights): it is then never counted as smaller or faster.
+    simulated: ClassVar[bool] = False
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able constructor arguments: enough for ``from_spec`` to rebuild the shapes."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> CompressedModule:
+        return cls(**spec)
+
+    def n_params(self) -> int:
+        """Weight values this layer represents (nonzeros only, for sparse storage), not
+        counting its ``nn.Parameter``s (a bias), which ``count_params`` adds."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One short line: the storage format and how it executes."""
+        return type(self).__name__
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight this layer computes with, as a dense float tensor."""
+        raise NotImplementedError
+
+
+def compressed_module(cls: M) -> M:
+    """Class decorator: make ``cls`` rebuildable from an artifact by its name."""
+    _MODULES[cls.__name__] = cls
+    return cls
+
+
+def module_class(name: str) -> type[CompressedModule] | None:
+    return _MODULES.get(name)
+
+
+# -- standard torch layers whose shapes a technique may change -------------------------
+_STANDARD: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
+    "Linear": (nn.Linear, ("in_features", "out_features")),
+    "Conv2d": (
+        nn.Conv2d,
+        ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"),
+    ),
+    "Embedding": (nn.Embedding, ("num_embeddings", "embedding_dim", "padding_idx")),
+    "LayerNorm": (nn.LayerNorm, ("normalized_shape", "eps", "elementwise_affine")),
+    "BatchNorm2d": (nn.BatchNorm2d, ("num_features", "eps", "momentum", "affine")),
+}
+
+
+def standard_spec(module: nn.Module) -> dict[str, Any] | None:
+    """Constructor arguments of a standard layer, or None for any other module."""
+    entry = _STANDARD.get(type(module).__name__)
+    if entry is None or type(module) is not entry[0]:
+        return None
+    spec: dict[str, Any] = {k: _jsonable(getattr(module, k)) for k in entry[1]}
+    if isinstance(module, nn.Linear | nn.Conv2d):
+        spec["bias"] = module.bias is not None
+    return spec
+
+
+def standard_from_spec(type_name: str, spec: dict[str, Any]) -> nn.Module:
+    cls, _ = _STANDARD[type_name]
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+    return cls(**args)
+
+
+def is_standard(type_name: str) -> bool:
+    return type_name in _STANDARD
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def conv_args(m: nn.Conv2d) -> dict[str, Any]:
+    """Shape arguments of a Conv2d, JSON-able (for building a compressed twin)."""
+    return {
+        "in_channels": m.in_channels,
+        "out_channels": m.out_channels,
+        "kernel_size": list(m.kernel_size),
+        "stride": list(m.stride),
+        "padding": list(m.padding),  # type: ignore[arg-type]
+        "dilation": list(m.dilation),
+        "groups": m.groups,
+    }
+
+
+def is_simulated(model: nn.Module) -> bool:
+    return any(isinstance(m, CompressedModule) and m.simulated for m in model.modules())
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of the model, counting compressed layers by the weights they represent."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, CompressedModule):
+            total += m.n_params()
+        total += sum(p.numel() for p in m.parameters(recurse=False))
+    return total

@@ -1,0 +1,1 @@
+"""Artifacts on disk: atomic writes, checksums, safe loading."""

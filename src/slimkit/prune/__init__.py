@@ -1,0 +1,1 @@
+"""Pruning: importance criteria, sparse storage, methods."""

@@ -1,0 +1,21 @@
+"""Packing boolean masks into bytes (8 positions a byte, little-endian bit order)."""
+
+from __future__ import annotations
+
+import torch
+
+_BITS = 2 ** torch.arange(8, dtype=torch.int32)  # (8,)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """uint8 tensor of ceil(numel / 8) bytes holding ``mask`` flattened."""
+    flat = mask.reshape(-1).to(torch.int32)
+    pad = (-flat.numel()) % 8
+    flat = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, 8)  # (N/8, 8)
+    return (flat * _BITS).sum(dim=1).to(torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Bool tensor of ``numel`` positions from ``pack_mask``'s bytes."""
+    bits = (packed.to(torch.int32).unsqueeze(1) & _BITS) != 0  # (N/8, 8)
+    return bits.reshape(-1)[:numel]

@@ -1,0 +1,1 @@
+"""Quantization: primitives, quantized modules and methods."""

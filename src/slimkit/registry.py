@@ -1,0 +1,80 @@
+"""Config type -> handler. ``@register(ConfigCls)`` on a handler ``apply(model, config, ctx)``.
+
+The pipeline looks handlers up by the config's type; the recipe parser looks config types up
+by ``(kind, method)``. Nothing here knows any technique.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from slimkit.config import Config
+    from slimkit.pipeline import Context
+
+Handler = Callable[[nn.Module, "Config", "Context"], nn.Module]
+H = TypeVar("H", bound=Callable[..., nn.Module])
+
+#: every recipe stage kind the format knows, in the order they usually run
+KINDS = ("quantize", "prune", "distill", "finetune", "factorize", "separable", "nas", "encode")
+#: method used when a stage names none
+DEFAULT_METHOD = {"quantize": "rtn", "prune": "magnitude"}
+
+_HANDLERS: dict[type, Handler] = {}
+_CONFIGS: dict[tuple[str, str], type[Config]] = {}
+_TYPES: dict[type, tuple[type[nn.Module], ...]] = {}
+
+
+def register(config_cls: type[Config], types: tuple[type[nn.Module], ...] = ()) -> Callable[[H], H]:
+    """Register ``handler`` for ``config_cls`` (and the config under its kind/method).
+
+    ``types`` are the module types the stage's ``targets`` select among.
+    """
+    if config_cls.kind not in KINDS:
+        raise ValueError(f"{config_cls.__name__}.kind={config_cls.kind!r} is not one of {KINDS}")
+
+    def deco(handler: H) -> H:
+        _HANDLERS[config_cls] = handler
+        _TYPES[config_cls] = types
+        _CONFIGS[(config_cls.kind, config_cls.method)] = config_cls
+        return handler
+
+    return deco
+
+
+def load_builtin() -> None:
+    """Import the built-in techniques (their @register decorators fill the registry)."""
+    # importing the technique packages runs their @register decorators
+    import slimkit.prune.magnitude
+    import slimkit.quant.rtn  # noqa: F401
+
+
+def handler_for(config: Config) -> Handler:
+    load_builtin()
+    try:
+        return _HANDLERS[type(config)]
+    except KeyError:
+        raise KeyError(f"no handler registered for {type(config).__name__}") from None
+
+
+def config_class(kind: str, method: str) -> type[Config] | None:
+    load_builtin()
+    return _CONFIGS.get((kind, method))
+
+
+def methods(kind: str) -> list[str]:
+    load_builtin()
+    return sorted(m for (k, m) in _CONFIGS if k == kind)
+
+
+def available_kinds() -> list[str]:
+    load_builtin()
+    return [k for k in KINDS if any(kk == k for (kk, _) in _CONFIGS)]
+
+
+def module_types(config: Config) -> tuple[type[nn.Module], ...]:
+    load_builtin()
+    return _TYPES.get(type(config), ())

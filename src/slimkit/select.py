@@ -1,0 +1,91 @@
+"""Module selection by name: glob patterns by default, ``re:`` prefix for a regex."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Iterable, Sequence
+
+from torch import nn
+
+from slimkit.errors import ConfigError, SelectionError
+
+
+def matches(name: str, pattern: str) -> bool:
+    """True when module ``name`` matches ``pattern`` (glob, or regex after ``re:``)."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def check_patterns(field: str, patterns: Iterable[str]) -> None:
+    """Raise ConfigError for a regex pattern that does not compile."""
+    for p in patterns:
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as e:
+                raise ConfigError(f"{field}: bad regex {p!r}: {e}") from None
+
+
+def select(
+    model: nn.Module,
+    targets: Sequence[str],
+    ignore: Sequence[str],
+    types: tuple[type[nn.Module], ...],
+) -> list[str]:
+    """Names of modules of exactly ``types`` matched by a target and by no ignore pattern.
+
+    Subclasses are not selected: a layer such as MultiheadAttention's ``out_proj`` subclasses
+    Linear but its owner reads its weight directly, so swapping it would break the model.
+    A module registered under several names is selected under each of them.
+    """
+    return select_names(module_types(model), targets, ignore, types)
+
+
+def module_types(model: nn.Module) -> dict[str, type[nn.Module]]:
+    """Every submodule name (shared modules under each of their names) and its type."""
+    return {n: type(m) for n, m in model.named_modules(remove_duplicate=False) if n}
+
+
+def select_names(
+    named: dict[str, type],
+    targets: Sequence[str],
+    ignore: Sequence[str],
+    types: tuple[type[nn.Module], ...],
+) -> list[str]:
+    """``select`` over a name -> type mapping (lets the pipeline check stages ahead)."""
+    candidates = [n for n, t in named.items() if t in types]
+    kinds = "/".join(t.__name__ for t in types)
+    for pattern in targets:
+        if not any(matches(n, pattern) for n in candidates):
+            sample = ", ".join(candidates[:4]) + (", ..." if len(candidates) > 4 else "")
+            raise SelectionError(
+                f"target {pattern!r} matches no {kinds} module"
+                + (f" (modules of that type: {sample})" if candidates else " (the model has none)")
+            )
+    return [
+        n
+        for n in candidates
+        if any(matches(n, p) for p in targets) and not any(matches(n, p) for p in ignore)
+    ]
+
+
+def swap_modules(
+    model: nn.Module, names: Sequence[str], make: Callable[[str, nn.Module], nn.Module]
+) -> None:
+    """Replace each named module by ``make(name, module)``; a module shared under several
+    names is converted once and the result stays shared."""
+    done: dict[int, nn.Module] = {}
+    for name in names:
+        module = model.get_submodule(name)
+        if id(module) not in done:
+            done[id(module)] = make(name, module)
+        set_module(model, name, done[id(module)])
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` by ``module``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

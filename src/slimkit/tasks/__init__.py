@@ -1,0 +1,76 @@
+"""Built-in tasks by name: ``get(name, **kwargs)``, ``names()``, ``describe()``, ``from_source``.
+
+Importing this package is light: the text tasks import ``transformers`` only when used.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from slimkit.errors import TaskError, did_you_mean
+from slimkit.tasks.base import Task
+from slimkit.tasks.digits import DigitsLeNet, DigitsMLP
+from slimkit.tasks.text import HFTask, MiniLMTopics, TextEncoderTask
+
+__all__ = [
+    "DigitsLeNet",
+    "DigitsMLP",
+    "HFTask",
+    "MiniLMTopics",
+    "Task",
+    "TextEncoderTask",
+    "describe",
+    "from_source",
+    "get",
+    "names",
+]
+
+_TASKS: dict[str, type[Task]] = {
+    cls.name: cls for cls in (DigitsLeNet, DigitsMLP, MiniLMTopics, HFTask)
+}
+
+
+def names() -> list[str]:
+    """The built-in task names, sorted."""
+    return sorted(_TASKS)
+
+
+def describe() -> list[tuple[str, str]]:
+    """(name, one-line description) of every built-in task, sorted by name."""
+    return [(name, _TASKS[name].description) for name in names()]
+
+
+def get(name: str, **kwargs: Any) -> Task:
+    """A new task instance; ``kwargs`` go to its constructor (``hf``: model_dir=, data=)."""
+    cls = _TASKS.get(name)
+    if cls is None:
+        raise TaskError(
+            f"unknown task {name!r}{did_you_mean(str(name), names())}; "
+            f"available: {', '.join(names())}"
+        )
+    _check_arguments(cls, kwargs)
+    return cls(**kwargs)
+
+
+def from_source(source: dict[str, Any]) -> Task:
+    """Rebuild a task from what its ``source()`` returned, e.g. ``{"task": "digits-lenet"}``."""
+    if not isinstance(source, dict) or not isinstance(source.get("task"), str):
+        raise TaskError(f"not a task source (expected a mapping with a 'task' name): {source!r}")
+    kwargs = {k: v for k, v in source.items() if k != "task"}
+    return get(source["task"], **kwargs)
+
+
+def _check_arguments(cls: type[Task], kwargs: dict[str, Any]) -> None:
+    """Raise TaskError (not TypeError) when ``kwargs`` do not fit the task's constructor."""
+    try:
+        inspect.signature(cls).bind(**kwargs)
+    except TypeError:
+        params = [
+            p
+            for p in inspect.signature(cls).parameters.values()
+            if p.kind == p.KEYWORD_ONLY or p.kind == p.POSITIONAL_OR_KEYWORD
+        ]
+        wanted = ", ".join(p.name for p in params) or "no arguments"
+        given = ", ".join(sorted(kwargs)) or "none"
+        raise TaskError(f"task {cls.name!r} takes {wanted}; got {given}") from None

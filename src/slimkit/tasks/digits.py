@@ -1,0 +1,263 @@
+"""Image tasks on scikit-learn's 8x8 handwritten digits: a small CNN and an MLP.
+
+The models are trained on first use (a few seconds on a CPU, deterministically) and cached as
+safetensors in the user cache directory, ``$SLIMKIT_CACHE_DIR/tasks`` when that is set.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimkit.data import Batch, call, first_tensor
+from slimkit.io import atomic
+from slimkit.tasks.base import Task
+
+# Bump whenever the data, the architectures or the training change: it is part of the cache key.
+RECIPE_VERSION = 1
+SEED = 0
+BATCH = 64  # calibration / train_data batches
+TRAIN_BATCH = 128  # optimisation minibatches
+NOISE_LEVELS = (0.1, 0.2, 0.4)
+NOISE_SEED = 1234
+
+
+class LeNet5(nn.Module):
+    """A LeNet-5-style CNN for (B, 1, 8, 8) images: two conv layers, three linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, kernel_size=3, padding=1)
+        self.fc1 = nn.Linear(32 * 2 * 2, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 8, 8)
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (B, 16, 4, 4)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (B, 32, 2, 2)
+        x = x.flatten(1)  # (B, 128)
+        x = F.relu(self.fc1(x))  # (B, 120)
+        x = F.relu(self.fc2(x))  # (B, 84)
+        return self.fc3(x)  # (B, 10)
+
+
+class MLP300100(nn.Module):
+    """The LeNet-300-100 MLP on flattened (B, 64) digit images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 300)
+        self.fc2 = nn.Linear(300, 100)
+        self.fc3 = nn.Linear(100, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 64)
+        x = F.relu(self.fc1(x))  # (B, 300)
+        x = F.relu(self.fc2(x))  # (B, 100)
+        return self.fc3(x)  # (B, 10)
+
+
+def cache_dir() -> Path:
+    """Where trained task weights live: ``$SLIMKIT_CACHE_DIR/tasks`` or the user cache dir."""
+    root = os.environ.get("SLIMKIT_CACHE_DIR")
+    if not root:
+        import platformdirs
+
+        root = platformdirs.user_cache_dir("slimkit")
+    return Path(root).expanduser() / "tasks"
+
+
+@functools.lru_cache(maxsize=1)
+def _split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fixed stratified split: x_train (N, 1, 8, 8) in [0, 1], y_train (N,), x_test, y_test."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = digits.images.astype("float32") / 16.0  # (1797, 8, 8)
+    y = digits.target.astype("int64")  # (1797,)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, stratify=y, random_state=0)
+    with torch.inference_mode(False):  # usable for training even if first built in inference mode
+        return (
+            torch.from_numpy(x_tr).unsqueeze(1),  # (1347, 1, 8, 8)
+            torch.from_numpy(y_tr),
+            torch.from_numpy(x_te).unsqueeze(1),  # (450, 1, 8, 8)
+            torch.from_numpy(y_te),
+        )
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    logits = first_tensor(call(model, x))  # (N, 10)
+    return float((logits.argmax(dim=1) == y).float().mean())
+
+
+class DigitsTask(Task):
+    """Shared data, training, caching and metrics for the digits tasks."""
+
+    primary_metric = "accuracy"
+    higher_is_better = True
+    modality = "image"
+    default_batch = 256
+    arch: ClassVar[type[nn.Module]]
+    flatten: ClassVar[bool]
+    epochs: ClassVar[int]
+    lr: ClassVar[float]
+
+    # -- data ------------------------------------------------------------------------------
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) if self.flatten else x  # (B, 64) or (B, 1, 8, 8)
+
+    def calibration_data(self) -> list[Batch]:
+        x_train = self._inputs(_split()[0])
+        return [x_train[i : i + BATCH] for i in range(0, 4 * BATCH, BATCH)]
+
+    def train_data(self) -> list[tuple[Batch, torch.Tensor]]:
+        x_train, y_train = self._inputs(_split()[0]), _split()[1]
+        n = len(x_train)
+        return [(x_train[i : i + BATCH], y_train[i : i + BATCH]) for i in range(0, n, BATCH)]
+
+    def example_inputs(self) -> Batch:
+        return self._inputs(_split()[2][:1]).clone()
+
+    def latency_inputs(self, batch: int | None = None) -> Batch:
+        x_test = _split()[2]
+        index = torch.arange(batch or self.default_batch) % len(x_test)  # tile the test set
+        return self._inputs(x_test[index])
+
+    def latency_description(self, batch: int | None = None) -> str:
+        shape = "64 pixels" if self.flatten else "1x8x8 images"
+        return f"batch {batch or self.default_batch} x {shape}"
+
+    # -- metrics ---------------------------------------------------------------------------
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        _, _, x_test, y_test = _split()
+        model.eval()
+        with torch.inference_mode():
+            return {"accuracy": _accuracy(model, self._inputs(x_test), y_test)}
+
+    def robustness(self, model: nn.Module) -> dict[str, float]:
+        x_train, _, x_test, y_test = _split()
+        std = float(x_train.std())
+        noise = torch.randn(x_test.shape, generator=torch.Generator().manual_seed(NOISE_SEED))
+        model.eval()
+        out = {}
+        with torch.inference_mode():
+            for level in NOISE_LEVELS:
+                noisy = x_test + noise * (level * std)  # (N, 1, 8, 8)
+                out[f"gauss_{level}"] = _accuracy(model, self._inputs(noisy), y_test)
+        return out
+
+    # -- model -----------------------------------------------------------------------------
+    def model(self) -> nn.Module:
+        return self._build(self._weights())
+
+    def _build(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        """The architecture in eval mode with ``state`` loaded; the global RNG is left as is."""
+        with torch.random.fork_rng(devices=[]):
+            model = self.arch()
+        model.load_state_dict(state)
+        return model.eval()
+
+    def cache_paths(self) -> tuple[Path, Path]:
+        """The weights file and its JSON sidecar; the recipe version is part of the name."""
+        stem = cache_dir() / f"{self.name}-v{RECIPE_VERSION}"
+        return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        cached = self._load_cached()
+        if cached is not None:
+            return cached
+        started = time.perf_counter()
+        state = self._fit()
+        seconds = time.perf_counter() - started
+        self._store(state, {"train_seconds": round(seconds, 3)})
+        return state
+
+    def _load_cached(self) -> dict[str, torch.Tensor] | None:
+        """The cached weights when present, of this recipe version and matching their sha256."""
+        from safetensors.torch import load_file
+
+        weights, sidecar = self.cache_paths()
+        try:
+            meta = json.loads(sidecar.read_text("utf-8"))
+            ok = meta.get("recipe_version") == RECIPE_VERSION
+            if not ok or meta.get("sha256") != atomic.sha256_file(weights):
+                return None
+            return load_file(str(weights))
+        except (OSError, ValueError, AttributeError, RuntimeError):
+            return None  # missing, unreadable or corrupt: retrain
+
+    def _store(self, state: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+        from safetensors.torch import save_file
+
+        weights, sidecar = self.cache_paths()
+        tensors = {k: v.detach().contiguous() for k, v in state.items()}
+        try:
+            atomic.write_with(weights, lambda tmp: save_file(tensors, str(tmp)))
+            meta = {
+                "task": self.name,
+                "recipe_version": RECIPE_VERSION,
+                "sha256": atomic.sha256_file(weights),
+                "test_accuracy": self._test_accuracy(state),
+                **extra,
+            }
+            atomic.write_text(sidecar, json.dumps(meta, indent=2) + "\n")
+        except OSError as e:
+            warnings.warn(
+                f"cannot cache {self.name} weights in {weights.parent}: {e}", stacklevel=3
+            )
+
+    def _test_accuracy(self, state: dict[str, torch.Tensor]) -> float:
+        return round(self.evaluate(self._build(state))["accuracy"], 6)
+
+    def _fit(self) -> dict[str, torch.Tensor]:
+        """Train from a fixed seed in a fixed order; the global RNG state is left untouched."""
+        x_train, y_train, _, _ = _split()
+        x_train = self._inputs(x_train)
+        steps_per_epoch = -(-len(x_train) // TRAIN_BATCH)
+        with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
+            torch.manual_seed(SEED)
+            model = self.arch().train()
+            opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=1e-4)
+            sched = torch.optim.lr_scheduler.OneCycleLR(
+                opt, max_lr=self.lr, total_steps=self.epochs * steps_per_epoch
+            )
+            order = torch.Generator().manual_seed(SEED)
+            for _ in range(self.epochs):
+                perm = torch.randperm(len(x_train), generator=order)
+                for i in range(0, len(x_train), TRAIN_BATCH):
+                    idx = perm[i : i + TRAIN_BATCH]
+                    logits = model(x_train[idx])  # (B, 10)
+                    loss = F.cross_entropy(logits, y_train[idx], label_smoothing=0.1)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class DigitsLeNet(DigitsTask):
+    name = "digits-lenet"
+    description = "LeNet-5-style CNN on sklearn 8x8 digits (trained on first use); top-1 accuracy"
+    arch = LeNet5
+    flatten = False
+    epochs = 25
+    lr = 2e-2
+
+
+class DigitsMLP(DigitsTask):
+    name = "digits-mlp"
+    description = "LeNet-300-100 MLP on flattened sklearn 8x8 digits (trained on first use); top-1"
+    arch = MLP300100
+    flatten = True
+    epochs = 25
+    lr = 2e-2

@@ -1,0 +1,212 @@
+"""The command line: exit codes, one-line errors, the compress/eval flow end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from slimkit.cli import main
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def one_error_line(text: str) -> str:
+    lines = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, text
+    assert "Traceback" not in text
+    return lines[0]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def hf_args(tiny_hf: tuple[Path, Path]) -> list[str]:
+    model_dir, data = tiny_hf
+    return ["--task", "hf", "--model-dir", str(model_dir), "--data", str(data)]
+
+
+def compress(capsys, tiny_hf, out: Path, recipe: Path, *extra: str) -> tuple[int, str]:
+    return run(capsys, "compress", *hf_args(tiny_hf), "--recipe", recipe, "--out", out, *extra)
+
+
+def test_usage_error_exits_2(capsys):
+    code, text = run(capsys, "compress", "--bogus")
+    assert code == 2
+    assert "--bogus" in text and "Traceback" not in text
+
+
+def test_unknown_task_exits_2_with_suggestion(capsys, tmp_path):
+    code, text = run(
+        capsys, "compress", "-t", "digits-lenett", "-r", RECIPES / "w8-rtn.yaml", "-o", tmp_path
+    )
+    assert code == 2
+    assert "digits-lenet" in one_error_line(text)
+
+
+def test_missing_recipe_file(capsys, tmp_path):
+    code, text = run(capsys, "compress", "-t", "digits-lenet", "-r", "nope.yaml", "-o", tmp_path)
+    assert code == 2
+    assert "nope.yaml" in one_error_line(text)
+
+
+def test_malformed_yaml_names_line(capsys, tmp_path):
+    bad = write(tmp_path / "bad.yaml", "name: x\nstages:\n  - quantize: {bits: 8\n")
+    code, text = run(capsys, "compress", "-t", "digits-lenet", "-r", bad, "-o", tmp_path / "o")
+    line = one_error_line(text)
+    assert code == 2
+    assert "bad.yaml" in line and "line" in line
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ("{bitz: 8}", "did you mean 'bits'"),
+        ("{bits: eight}", "bits"),
+        ("{bits: 3}", "allowed"),
+        ("{granularity: per_chanel}", "did you mean 'per_channel'"),
+    ],
+)
+def test_bad_recipe_values(capsys, tmp_path, options, expected):
+    recipe = write(tmp_path / "r.yaml", f"name: r\nstages:\n  - quantize: {options}\n")
+    code, text = run(capsys, "compress", "-t", "digits-lenet", "-r", recipe, "-o", tmp_path / "o")
+    assert code == 2
+    assert expected in one_error_line(text)
+
+
+def test_sparsity_out_of_range(capsys, tmp_path):
+    recipe = write(tmp_path / "r.yaml", "name: r\nstages:\n  - prune: {sparsity: 1.5}\n")
+    code, text = run(capsys, "compress", "-t", "digits-lenet", "-r", recipe, "-o", tmp_path / "o")
+    line = one_error_line(text)
+    assert code == 2
+    assert "sparsity" in line and "1.5" in line
+
+
+def test_missing_model_dir(capsys, tmp_path, tiny_hf):
+    _, data = tiny_hf
+    args = ["--task", "hf", "--model-dir", tmp_path / "nope", "--data", data]
+    code, text = run(capsys, "compress", *args, "-r", RECIPES / "w8-rtn.yaml", "-o", tmp_path / "o")
+    assert code == 2
+    assert "nope" in one_error_line(text)
+
+
+def test_not_a_hf_dir(capsys, tmp_path, tiny_hf):
+    _, data = tiny_hf
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = ["--task", "hf", "--model-dir", empty, "--data", data]
+    code, text = run(capsys, "compress", *args, "-r", RECIPES / "w8-rtn.yaml", "-o", tmp_path / "o")
+    assert code == 2
+    assert "empty" in one_error_line(text)
+
+
+def test_empty_data_file(capsys, tmp_path, tiny_hf):
+    model_dir, _ = tiny_hf
+    data = write(tmp_path / "d.jsonl", "")
+    args = ["--task", "hf", "--model-dir", model_dir, "--data", data]
+    code, text = run(capsys, "compress", *args, "-r", RECIPES / "w8-rtn.yaml", "-o", tmp_path / "o")
+    assert code == 2
+    assert "d.jsonl" in one_error_line(text)
+
+
+def test_bad_jsonl_line_number(capsys, tmp_path, tiny_hf):
+    model_dir, _ = tiny_hf
+    data = write(tmp_path / "d.jsonl", '{"text": "fine words here"}\n{"text": oops}\n')
+    args = ["--task", "hf", "--model-dir", model_dir, "--data", data]
+    code, text = run(capsys, "compress", *args, "-r", RECIPES / "w8-rtn.yaml", "-o", tmp_path / "o")
+    line = one_error_line(text)
+    assert code == 2
+    assert "d.jsonl" in line and "line 2" in line
+
+
+def test_target_matching_nothing(capsys, tmp_path, tiny_hf):
+    recipe = write(
+        tmp_path / "r.yaml", "name: r\nstages:\n  - quantize: {targets: ['decoder.*']}\n"
+    )
+    code, text = compress(capsys, tiny_hf, tmp_path / "o", recipe)
+    assert code == 2
+    assert "decoder.*" in one_error_line(text)
+    assert not (tmp_path / "o" / "slimkit.json").exists()
+
+
+def test_compress_hf_end_to_end_then_eval(capsys, tmp_path, tiny_hf):
+    out = tmp_path / "out"
+    code, text = compress(capsys, tiny_hf, out, RECIPES / "w8-rtn.yaml")
+    assert code == 0, text
+    for name in ("model.safetensors", "slimkit.json", "report.json", "report.md", "pareto.png"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"] == "hf"
+    base, quant = report["results"]
+    assert base["name"] == "fp32" and quant["recipe"] == "w8-rtn"
+    assert quant["size_bytes"] < 0.5 * base["size_bytes"]
+    assert quant["metrics"]["cosine_mean"] > 0.99
+    assert base["metrics"]["cosine_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert set(quant["latency_ms"]) >= {"median", "min", "max", "batch", "threads"}
+    assert quant["simulated"] is False
+
+    code, text = run(capsys, "eval", out, *hf_args(tiny_hf))
+    assert code == 0, text
+    assert "w8-rtn" in text
+
+
+def test_existing_artifact_refused_then_survives_failed_overwrite(capsys, tmp_path, tiny_hf):
+    out = tmp_path / "out"
+    assert compress(capsys, tiny_hf, out, RECIPES / "w8-rtn.yaml")[0] == 0
+    before = (out / "model.safetensors").read_bytes()
+
+    code, text = compress(capsys, tiny_hf, out, RECIPES / "prune-magnitude-50.yaml")
+    assert code == 2
+    assert "--overwrite" in one_error_line(text)
+
+    bad = write(tmp_path / "r.yaml", "name: r\nstages:\n  - quantize: {targets: ['nothing']}\n")
+    code, _ = compress(capsys, tiny_hf, out, bad, "--overwrite")
+    assert code == 2
+    assert (out / "model.safetensors").read_bytes() == before
+    assert run(capsys, "eval", out, *hf_args(tiny_hf))[0] == 0
+
+
+def test_eval_flipped_byte_names_file(capsys, tmp_path, tiny_hf):
+    out = tmp_path / "out"
+    assert compress(capsys, tiny_hf, out, RECIPES / "w8-rtn.yaml")[0] == 0
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    code, text = run(capsys, "eval", out, *hf_args(tiny_hf))
+    line = one_error_line(text)
+    assert code == 2
+    assert "model.safetensors" in line and "checksum" in line
+
+
+def test_eval_pickle_refused(capsys, tmp_path):
+    import pickle
+
+    marker = tmp_path / "executed"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(pickle.dumps(Evil()))
+    code, text = run(capsys, "eval", bad)
+    assert code == 2
+    assert "pickle" in one_error_line(text)
+    assert not marker.exists()
+
+
+def test_tasks_lists_builtin_tasks(capsys):
+    code, text = run(capsys, "tasks")
+    assert code == 0
+    for name in ("digits-lenet", "digits-mlp", "minilm-topics", "hf"):
+        assert name in text
