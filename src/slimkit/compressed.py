@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 M = TypeVar("M", bound="type[CompressedModule]")
@@ -97,7 +98,13 @@ def _jsonable(value: Any) -> Any:
 
 
 def conv_args(m: nn.Conv2d) -> dict[str, Any]:
-    """Shape arguments of a Conv2d, JSON-able (for building a compressed twin)."""
+    """Shape arguments of a Conv2d, JSON-able (for building a compressed twin).
+
+    Raises ValueError for what compressed convolutions do not support (string padding,
+    a padding mode other than zeros).
+    """
+    if m.padding_mode != "zeros" or isinstance(m.padding, str):
+        raise ValueError(f"padding={m.padding!r}, padding_mode={m.padding_mode!r}")
     return {
         "in_channels": m.in_channels,
         "out_channels": m.out_channels,
@@ -121,3 +128,45 @@ def count_params(model: nn.Module) -> int:
             total += m.n_params()
         total += sum(p.numel() for p in m.parameters(recurse=False))
     return total
+
+
+class ConvGeometry(nn.Module):
+    """The shape arguments of a 2-D convolution, shared by the compressed convolutions."""
+
+    def _init_geometry(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: list[int] | tuple[int, int],
+        stride: list[int] | tuple[int, int],
+        padding: list[int] | tuple[int, int],
+        dilation: list[int] | tuple[int, int],
+        groups: int,
+    ) -> tuple[int, int, int, int]:
+        """Store the arguments; return the weight shape (out, in / groups, kh, kw)."""
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = tuple(kernel_size)
+        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
+        kh, kw = self.kernel_size
+        return (out_channels, in_channels // groups, kh, kw)
+
+    def geometry_spec(self) -> dict[str, Any]:
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": list(self.kernel_size),
+            "stride": list(self.stride),
+            "padding": list(self.padding),
+            "dilation": list(self.dilation),
+            "groups": self.groups,
+        }
+
+    def conv(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def copy_bias(src: nn.Module, dst: nn.Module) -> None:
+    """Give ``dst`` a frozen copy of ``src``'s bias (when it has one)."""
+    bias = getattr(src, "bias", None)
+    if bias is not None:
+        dst.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)

@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimkit.compressed import CompressedModule, compressed_module, conv_args
+from slimkit.compressed import (
+    CompressedModule,
+    ConvGeometry,
+    compressed_module,
+    conv_args,
+    copy_bias,
+)
 from slimkit.prune.bitmask import pack_mask, unpack_mask
 
 
@@ -71,8 +77,7 @@ class SparseLinear(_SparseWeight):
         nnz = int((m.weight != 0).sum())
         s = cls(m.in_features, m.out_features, nnz, m.bias is not None)
         s.set_weight(m.weight)
-        if m.bias is not None:
-            s.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=False)
+        copy_bias(m, s)
         return s
 
     def spec(self) -> dict[str, Any]:
@@ -88,7 +93,7 @@ class SparseLinear(_SparseWeight):
 
 
 @compressed_module
-class SparseConv2d(_SparseWeight):
+class SparseConv2d(_SparseWeight, ConvGeometry):
     def __init__(
         self,
         in_channels: int,
@@ -102,36 +107,21 @@ class SparseConv2d(_SparseWeight):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = tuple(kernel_size)
-        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
-        kh, kw = self.kernel_size
-        self._init_storage((out_channels, in_channels // groups, kh, kw), nnz)
+        shape = self._init_geometry(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups
+        )
+        self._init_storage(shape, nnz)
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
     @classmethod
     def from_float(cls, m: nn.Conv2d) -> SparseConv2d:
-        if m.padding_mode != "zeros" or isinstance(m.padding, str):
-            raise ValueError(f"padding={m.padding!r}, padding_mode={m.padding_mode!r}")
         s = cls(nnz=int((m.weight != 0).sum()), bias=m.bias is not None, **conv_args(m))
         s.set_weight(m.weight)
-        if m.bias is not None:
-            s.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=False)
+        copy_bias(m, s)
         return s
 
     def spec(self) -> dict[str, Any]:
-        return {
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "kernel_size": list(self.kernel_size),
-            "nnz": self.values.numel(),
-            "stride": list(self.stride),
-            "padding": list(self.padding),
-            "dilation": list(self.dilation),
-            "groups": self.groups,
-            "bias": self.bias is not None,
-        }
+        return {**self.geometry_spec(), "nnz": self.values.numel(), "bias": self.bias is not None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dense_weight()
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return self.conv(x, self.dense_weight(), self.bias)

@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimkit.compressed import CompressedModule, compressed_module, conv_args
+from slimkit.compressed import (
+    CompressedModule,
+    ConvGeometry,
+    compressed_module,
+    conv_args,
+    copy_bias,
+)
 from slimkit.quant import primitives as P
 
 
@@ -76,8 +82,7 @@ class QuantLinear(_QuantWeight):
     def from_float(cls, m: nn.Linear, **quant: Any) -> QuantLinear:
         q = cls(m.in_features, m.out_features, m.bias is not None, **quant)
         q.set_weight(m.weight)
-        if m.bias is not None:
-            q.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=False)
+        copy_bias(m, q)
         return q
 
     def spec(self) -> dict[str, Any]:
@@ -96,7 +101,7 @@ class QuantLinear(_QuantWeight):
 
 
 @compressed_module
-class QuantConv2d(_QuantWeight):
+class QuantConv2d(_QuantWeight, ConvGeometry):
     def __init__(
         self,
         in_channels: int,
@@ -112,41 +117,24 @@ class QuantConv2d(_QuantWeight):
         per_channel: bool = True,
     ) -> None:
         super().__init__()
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = tuple(kernel_size)
-        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
-        kh, kw = self.kernel_size
-        self._init_storage(
-            (out_channels, in_channels // groups, kh, kw), bits, symmetric, per_channel
+        shape = self._init_geometry(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups
         )
+        self._init_storage(shape, bits, symmetric, per_channel)
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
     @classmethod
     def from_float(cls, m: nn.Conv2d, **quant: Any) -> QuantConv2d:
-        if m.padding_mode != "zeros" or isinstance(m.padding, str):
-            raise ValueError(f"padding={m.padding!r}, padding_mode={m.padding_mode!r}")
         q = cls(**conv_args(m), bias=m.bias is not None, **quant)
         q.set_weight(m.weight)
-        if m.bias is not None:
-            q.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=False)
+        copy_bias(m, q)
         return q
 
     def spec(self) -> dict[str, Any]:
-        return {
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "kernel_size": list(self.kernel_size),
-            "stride": list(self.stride),
-            "padding": list(self.padding),
-            "dilation": list(self.dilation),
-            "groups": self.groups,
-            "bias": self.bias is not None,
-            **self._quant_spec(),
-        }
+        return {**self.geometry_spec(), "bias": self.bias is not None, **self._quant_spec()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dense_weight()
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return self.conv(x, self.dense_weight(), self.bias)
 
 
 @compressed_module
