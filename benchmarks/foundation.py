@@ -43,14 +43,14 @@ def compress(task_args: list[str], out: Path, runs: int) -> dict:
 
 def summarize(name: str, report: dict) -> dict:
     base, quant = report["results"]
+    knn_drop = 100 * (base["metrics"]["knn_accuracy"] - quant["metrics"]["knn_accuracy"])
     return {
         "run": name,
         "cosine_mean": quant["metrics"]["cosine_mean"],
         "cosine_min": quant["metrics"]["cosine_min"],
         "knn_fp32": base["metrics"]["knn_accuracy"],
         "knn_w8": quant["metrics"]["knn_accuracy"],
-        "knn_drop_points": 100
-        * (base["metrics"]["knn_accuracy"] - quant["metrics"]["knn_accuracy"]),
+        "knn_drop_points": knn_drop,
         "size_fp32": base["size_bytes"],
         "size_w8": quant["size_bytes"],
         "size_ratio": quant["size_bytes"] / base["size_bytes"],
@@ -60,7 +60,7 @@ def summarize(name: str, report: dict) -> dict:
         "threads": quant["latency_ms"]["threads"],
         "simulated": quant["simulated"],
         "targets_met": quant["metrics"]["cosine_mean"] >= 0.999
-        and 100 * (base["metrics"]["knn_accuracy"] - quant["metrics"]["knn_accuracy"]) <= 0.5
+        and knn_drop <= 0.5
         and quant["size_bytes"] <= 0.3 * base["size_bytes"],
     }
 

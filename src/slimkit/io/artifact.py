@@ -29,6 +29,7 @@ from slimkit import registry
 from slimkit._version import __version__ as slimkit_version
 from slimkit.compressed import (
     CompressedModule,
+    is_simulated,
     is_standard,
     module_class,
     standard_from_spec,
@@ -158,7 +159,7 @@ def _manifest(model: nn.Module, task: Any, recipe: dict[str, Any] | None) -> dic
         "source": source,
         "recipe": recipe if recipe is not None else recorded.get("recipe"),
         "modules": _module_specs(model),
-        "simulated": any(isinstance(m, CompressedModule) and m.simulated for m in model.modules()),
+        "simulated": is_simulated(model),
     }
 
 
