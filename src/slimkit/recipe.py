@@ -105,13 +105,13 @@ def _parse_stage(stage: Any, where: str) -> Config:
 
 
 def as_recipe(recipe: Recipe | dict[str, Any] | str | os.PathLike[str]) -> Recipe:
-    """Accept a Recipe, a dict, or a path to a YAML file."""
+    """Accept a Recipe, a dict, a path to a YAML file or the name of a shipped recipe."""
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, dict):
         return Recipe.from_dict(recipe)
     if isinstance(recipe, str | os.PathLike):
-        return Recipe.from_file(recipe)
+        return Recipe.from_file(resolve(recipe))
     raise RecipeError(f"recipe: expected a path, a dict or a Recipe, got {type(recipe).__name__}")
 
 

@@ -49,7 +49,14 @@ def load_builtin() -> None:
     """Import the built-in techniques (their @register decorators fill the registry)."""
     # importing the technique packages runs their @register decorators
     import slimkit.prune.magnitude
-    import slimkit.quant.rtn  # noqa: F401
+    import slimkit.quant.awq
+    import slimkit.quant.gptq
+    import slimkit.quant.kmeans
+    import slimkit.quant.mixed
+    import slimkit.quant.qat
+    import slimkit.quant.rtn
+    import slimkit.quant.static
+    import slimkit.quant.w8a8  # noqa: F401
 
 
 def handler_for(config: Config) -> Handler:

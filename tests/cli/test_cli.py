@@ -72,7 +72,7 @@ def test_malformed_yaml_names_line(capsys, tmp_path):
     [
         ("{bitz: 8}", "did you mean 'bits'"),
         ("{bits: eight}", "bits"),
-        ("{bits: 3}", "allowed"),
+        ("{bits: 9}", "allowed: 2..8"),
         ("{granularity: per_chanel}", "did you mean 'per_channel'"),
     ],
 )

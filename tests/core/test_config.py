@@ -31,14 +31,16 @@ def test_magnitude_defaults() -> None:
 
 def test_config_error_is_value_error_and_slimkit_error() -> None:
     with pytest.raises(ConfigError) as info:
-        RTNConfig(bits=5)
+        RTNConfig(bits=9)
     assert isinstance(info.value, ValueError)
     assert isinstance(info.value, SlimkitError)
 
 
 def test_bits_out_of_range_names_field_value_and_allowed() -> None:
-    with pytest.raises(ValueError, match=r"quantize\.rtn\.bits: got 5; allowed: 8"):
-        RTNConfig(bits=5)
+    with pytest.raises(ValueError, match=r"quantize\.rtn\.bits: got 9; allowed: 2\.\.8"):
+        RTNConfig(bits=9)
+    with pytest.raises(ValueError, match=r"quantize\.rtn\.bits: got 1; allowed: 2\.\.8"):
+        RTNConfig(bits=1)
 
 
 def test_granularity_typo_suggests_and_lists_allowed() -> None:
@@ -51,18 +53,18 @@ def test_granularity_typo_suggests_and_lists_allowed() -> None:
     assert "per_tensor" in msg and "per_channel" in msg
 
 
-def test_per_group_refused_for_rtn_lists_supported() -> None:
+def test_per_group_needs_a_group_size() -> None:
     with pytest.raises(ConfigError) as info:
         RTNConfig(granularity="per_group")  # type: ignore[arg-type]
     msg = str(info.value)
-    assert "quantize.rtn.granularity" in msg
-    assert msg.endswith("allowed: per_tensor, per_channel")
+    assert msg.startswith("quantize.rtn.group_size: got None")
+    assert "positive integer" in msg
+    assert RTNConfig(granularity="per_group", group_size=64).group_size == 64  # type: ignore[arg-type]
 
 
-def test_per_group_message_shows_value_as_written() -> None:
-    with pytest.raises(ConfigError) as info:
-        RTNConfig(granularity="per_group")  # type: ignore[arg-type]
-    assert "got 'per_group'" in str(info.value)
+def test_group_size_refused_without_per_group() -> None:
+    with pytest.raises(ConfigError, match=r"group_size: got 64; allowed: null unless"):
+        RTNConfig(group_size=64)
 
 
 def test_granularity_accepts_string_values() -> None:
@@ -198,6 +200,7 @@ def test_to_dict_values() -> None:
         "ignore": [],
         "bits": 8,
         "granularity": "per_tensor",
+        "group_size": None,
         "symmetric": True,
     }
 
@@ -212,7 +215,7 @@ def test_unknown_key_suggests_and_lists_allowed() -> None:
     msg = str(info.value)
     assert "unknown key 'bitz'" in msg
     assert "did you mean 'bits'?" in msg
-    assert "allowed: targets, ignore, bits, granularity, symmetric" in msg
+    assert "allowed: targets, ignore, bits, granularity, group_size, symmetric" in msg
 
 
 def test_unknown_key_with_where_prefix() -> None:

@@ -1,0 +1,91 @@
+"""What the weight-quantization methods share: their options and the layer checks."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from slimkit.config import Granularity, StageConfig
+from slimkit.errors import ConfigError
+from slimkit.quant.modules import QuantConv2d, QuantEmbedding, QuantLinear, QuantWeight
+
+MIN_BITS, MAX_BITS = 2, 8
+
+#: float layer type -> its weight-quantized twin
+WEIGHT_SWAPS: dict[type[nn.Module], type[QuantWeight]] = {
+    nn.Linear: QuantLinear,
+    nn.Conv2d: QuantConv2d,
+    nn.Embedding: QuantEmbedding,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightQuantConfig(StageConfig):
+    """Bits and granularity of integer weight codes."""
+
+    bits: int = 8
+    granularity: Granularity = Granularity.PER_CHANNEL
+    group_size: int | None = None
+    symmetric: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        if not MIN_BITS <= self.bits <= MAX_BITS:
+            self.fail("bits", f"{MIN_BITS}..{MAX_BITS}")
+        grouped = self.granularity is Granularity.PER_GROUP
+        if grouped and (self.group_size is None or self.group_size < 1):
+            self.fail("group_size", "a positive integer when granularity is per_group")
+        if not grouped and self.group_size is not None:
+            self.fail("group_size", "null unless granularity is per_group")
+
+    def quant_kwargs(self, bits: int | None = None) -> dict[str, Any]:
+        """Keyword arguments of the quantized modules for these options."""
+        return {
+            "bits": self.bits if bits is None else bits,
+            "symmetric": self.symmetric,
+            "per_channel": self.granularity is not Granularity.PER_TENSOR,
+            "group_size": self.group_size,
+        }
+
+
+def input_size(module: nn.Module) -> int:
+    """The length of one weight row: the dimension groups run along."""
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        raise ValueError(f"{type(module).__name__} has no weight")
+    return int(weight[0].numel())
+
+
+def check_group_size(model: nn.Module, names: Iterable[str], group_size: int | None) -> None:
+    """ConfigError listing every selected layer whose input size ``group_size`` does not divide."""
+    if group_size is None:
+        return
+    sizes = {name: input_size(model.get_submodule(name)) for name in names}
+    bad = [f"{name} ({k})" for name, k in sizes.items() if k % group_size]
+    if bad:
+        raise ConfigError(
+            f"group_size {group_size} does not divide the input size of "
+            f"{len(bad)} layer(s): {', '.join(bad)}"
+        )
+
+
+def check_convertible(model: nn.Module, names: Iterable[str], method: str) -> None:
+    """ConfigError naming the first selected layer that has no quantized twin of its form."""
+    for name in names:
+        module = model.get_submodule(name)
+        twin = WEIGHT_SWAPS.get(type(module))
+        if twin is None:
+            raise ConfigError(f"layer {name!r} ({type(module).__name__}) cannot be quantized")
+        try:
+            twin.empty_like(module)  # type: ignore[attr-defined]
+        except ValueError as e:
+            raise ConfigError(f"layer {name!r} cannot be quantized by {method}: {e}") from None
+
+
+def empty_twin(module: nn.Module, **quant: Any) -> QuantWeight:
+    """A quantized layer of ``module``'s shape, codes still to be set."""
+    twin: Any = WEIGHT_SWAPS[type(module)]
+    return twin.empty_like(module, **quant)  # type: ignore[no-any-return]

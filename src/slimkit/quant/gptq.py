@@ -1,0 +1,314 @@
+"""GPTQ: weight-only quantization that compensates each rounding error in later columns.
+
+For a layer ``y = x W^T`` with calibration inputs ``X`` (N, K), the output error of a
+quantized ``Q`` is ``tr((W - Q) H (W - Q)^T) / 2`` with ``H = 2 X^T X / N``. Columns are
+quantized one at a time; the error of column ``j``, divided by the ``j``-th diagonal entry
+of the upper Cholesky factor ``U`` of ``H^-1``, is spread over the columns still to come
+along row ``j`` of ``U`` (the optimal update of Optimal Brain Surgeon). Updates are applied
+lazily: inside a block of ``block_size`` columns at once, beyond it after the block.
+
+- Damping: ``damp * mean(diag H)`` is added to the diagonal; when the factorization still
+  fails (a singular or indefinite ``H``) the damping grows 10x per try, then ``HessianError``.
+- Dead inputs (a zero diagonal entry: the input channel never moved) get ``H_jj = 1`` and a
+  zero weight column.
+- Group parameters are computed from the group's current (error-updated) columns when the
+  first of them is reached; per-channel and per-tensor parameters from ``W`` at the start.
+- ``act_order`` visits columns by decreasing ``H_jj``; groups stay the contiguous runs of
+  the original column order (so the stored (R, G) scales keep their meaning), and the codes
+  are returned in the original order.
+
+Linear and Conv2d layers (groups=1; a Conv2d's inputs are unfolded so ``H`` is over
+``C_in * kh * kw``) get GPTQ; Embedding layers and grouped convolutions have no such
+Hessian and are rounded to nearest at the same settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimkit.pipeline import Context
+from slimkit.quant import primitives as P
+from slimkit.quant.common import (
+    WeightQuantConfig,
+    check_convertible,
+    check_group_size,
+    empty_twin,
+)
+from slimkit.quant.sequential import Group, PerInput, geometry, input_rows, quantize_sequential
+from slimkit.registry import register
+from slimkit.select import swap_modules
+
+#: how many times the damping is multiplied by 10 after the first try fails
+DAMP_RETRIES = 4
+
+
+class HessianError(ArithmeticError):
+    """The Hessian cannot be factorized even with the largest damping tried."""
+
+
+# -- pure math ---------------------------------------------------------------------------
+def merge_hessian(h: torch.Tensor, n: int, xtx: torch.Tensor, m: int) -> tuple[torch.Tensor, int]:
+    """Running mean of ``2 X^T X``: fold in ``xtx = X^T X`` of ``m`` more rows."""
+    if m == 0:
+        return h, n
+    total = n + m
+    return h * (n / total) + xtx * (2.0 / total), total
+
+
+def accumulate_hessian(h: torch.Tensor, n: int, x_rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(h, n)`` updated with the rows ``x_rows`` (M, K): ``h`` stays the mean of
+    ``2 x^T x`` over all ``n`` rows seen. Returns a new tensor."""
+    x = x_rows.float()  # (M, K)
+    return merge_hessian(h, n, x.T @ x, x.shape[0])  # (K, K)
+
+
+def inverse_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor ``U`` of ``(H + d * mean(diag H) * I)^-1`` and the ``d`` used.
+
+    ``d`` starts at ``damp`` and grows 10x per failed try (not positive definite, or a
+    non-finite factor); ``HessianError`` after ``DAMP_RETRIES`` more tries.
+    """
+    k = h.shape[0]
+    mean_diag = float(h.diagonal().mean())
+    eye = torch.eye(k, dtype=h.dtype)
+    d = damp
+    for _ in range(DAMP_RETRIES + 1):
+        lower, info = torch.linalg.cholesky_ex(h + (d * mean_diag) * eye)  # (K, K)
+        if int(info) == 0 and bool(torch.isfinite(lower).all()):
+            inverse = torch.cholesky_inverse(lower)  # (K, K)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)  # (K, K)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return upper, d
+        d *= 10.0
+    raise HessianError(
+        f"the Hessian is not positive definite even with damping {d / 10.0:g} x mean(diag)"
+    )
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    per_channel: bool = True,
+    group_size: int | None = None,
+    damp: float = 0.01,
+    act_order: bool = False,
+    block_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Quantize ``w`` (O, K) for inputs of Hessian ``h`` (K, K) (see the module docstring).
+
+    Returns int8 codes (O, K) in the original column order, the scale (R, G) and the zero
+    point (R, G), or None when ``symmetric``. Raises ``HessianError`` when ``h`` cannot be
+    factorized, ``ValueError`` for mismatched shapes or a group size not dividing K.
+    """
+    o, k = w.shape
+    if h.shape != (k, k):
+        raise ValueError(f"a weight of shape {(o, k)} needs a ({k}, {k}) Hessian")
+    if group_size is not None:
+        P.check_group_size(k, group_size)
+    w = w.detach().float().clone()  # (O, K)
+    h = h.detach().float().clone()  # (K, K)
+    dead = h.diagonal() == 0  # (K,)
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        w, h = w[:, perm], h[perm][:, perm]
+    upper, _ = inverse_factor(h, damp)  # (K, K)
+    solver = _Columns(w, upper, bits, symmetric, per_channel, group_size, perm)
+    codes = solver.run(max(1, block_size))  # (O, K), permuted order
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return codes, solver.scale, None if symmetric else solver.zero
+
+
+class _Columns:
+    """State of one GPTQ run over the (possibly permuted) columns of ``w``."""
+
+    def __init__(
+        self,
+        w: torch.Tensor,
+        upper: torch.Tensor,
+        bits: int,
+        symmetric: bool,
+        per_channel: bool,
+        group_size: int | None,
+        perm: torch.Tensor | None,
+    ) -> None:
+        self.w, self.upper = w, upper  # (O, K), (K, K)
+        self.bits, self.symmetric, self.group_size = bits, symmetric, group_size
+        o, k = w.shape
+        self.k = k
+        if group_size is None:
+            # per channel / per tensor: parameters of the whole (dead-zeroed) weight
+            self.scale, self.zero = P.qparams(w, bits, symmetric, per_channel)  # (R, 1)
+            self.group_of = torch.zeros(k, dtype=torch.long)  # (K,)
+        else:
+            n_groups = k // group_size
+            self.scale = torch.ones(o, n_groups)  # (O, G)
+            self.zero = torch.zeros(o, n_groups)  # (O, G)
+            original = perm if perm is not None else torch.arange(k)  # column j is original[j]
+            self.group_of = original // group_size  # (K,) group of each visited column
+            self.position = torch.argsort(original)  # (K,) visit position of original column
+        self.ready = torch.zeros(self.scale.shape[1], dtype=torch.bool)  # (G,)
+
+    def run(self, block_size: int) -> torch.Tensor:
+        codes = torch.zeros(self.w.shape, dtype=torch.int8)  # (O, K)
+        for i1 in range(0, self.k, block_size):
+            i2 = min(i1 + block_size, self.k)
+            self._block(i1, i2, codes)
+        return codes
+
+    def _block(self, i1: int, i2: int, codes: torch.Tensor) -> None:
+        """Quantize columns i1..i2, then apply their errors to the columns after i2."""
+        w1 = self.w[:, i1:i2].clone()  # (O, B)
+        err = torch.zeros_like(w1)  # (O, B)
+        u1 = self.upper[i1:i2, i1:i2]  # (B, B)
+        for i in range(i2 - i1):
+            g = int(self.group_of[i1 + i])
+            if self.group_size is not None and not bool(self.ready[g]):
+                self._group_params(g, i1, i2, i, w1, err)
+            scale, zero = self._params(g)  # (R, 1) each
+            column = w1[:, i : i + 1]  # (O, 1)
+            q = P.quantize(column, scale, zero, self.bits, self.symmetric)  # (O, 1)
+            e = (column - P.dequantize(q, scale, zero)) / u1[i, i]  # (O, 1)
+            w1[:, i:] -= e * u1[i : i + 1, i:]  # (O, B - i)
+            err[:, i : i + 1] = e
+            codes[:, i1 + i : i1 + i + 1] = q
+        self.w[:, i2:] -= err @ self.upper[i1:i2, i2:]  # (O, K - i2)
+
+    def _params(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.group_size is None:
+            return self.scale, self.zero
+        return self.scale[:, g : g + 1], self.zero[:, g : g + 1]
+
+    def _group_params(
+        self, g: int, i1: int, i2: int, i: int, w1: torch.Tensor, err: torch.Tensor
+    ) -> None:
+        """Parameters of group ``g`` from the current values of its columns, none of which
+        is quantized yet: inside the block from ``w1``, beyond it with the pending updates
+        of the block's first ``i`` columns applied."""
+        assert self.group_size is not None
+        start = g * self.group_size
+        pos = self.position[start : start + self.group_size]  # (g,) visit positions
+        inside = pos < i2
+        current = torch.empty(self.w.shape[0], pos.numel())  # (O, g)
+        current[:, inside] = w1[:, pos[inside] - i1]
+        beyond = pos[~inside]
+        pending = err[:, :i] @ self.upper[i1 : i1 + i, beyond]  # (O, n_beyond)
+        current[:, ~inside] = self.w[:, beyond] - pending
+        scale, zero = P.params_from_range(
+            current.amin(dim=1), current.amax(dim=1), self.bits, self.symmetric
+        )  # (O,) each
+        self.scale[:, g], self.zero[:, g] = scale, zero
+        self.ready[g] = True
+
+
+# -- config and handler --------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class GPTQConfig(WeightQuantConfig):
+    """GPTQ weight-only quantization from calibration data (see the module docstring)."""
+
+    kind = "quantize"
+    method = "gptq"
+
+    damp: float = 0.01
+    act_order: bool = False
+    block_size: int = 128
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 < self.damp <= 1.0:
+            self.fail("damp", "a number in (0, 1]")
+        if self.block_size < 1:
+            self.fail("block_size", "a positive integer")
+
+
+def uses_hessian(module: nn.Module) -> bool:
+    """Linear layers and ungrouped convolutions get GPTQ; the rest round to nearest."""
+    return type(module) is nn.Linear or (type(module) is nn.Conv2d and module.groups == 1)
+
+
+class Hessians:
+    """The running ``2 X^T X / N`` of each watched layer (``X^T X`` of a tensor shared by
+    several layers is computed once)."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self.h: dict[str, torch.Tensor] = {}
+        self.n: dict[str, int] = {}
+        self._memo = PerInput()
+
+    def watch(self, name: str, x: torch.Tensor) -> None:
+        module = self.modules[name]
+
+        def gram() -> tuple[torch.Tensor, int]:
+            rows = input_rows(module, x)  # (M, K)
+            return rows.T @ rows, rows.shape[0]  # (K, K)
+
+        xtx, m = self._memo.get(x, geometry(module), gram)
+        k = xtx.shape[0]
+        h = self.h.get(name, torch.zeros(k, k))
+        self.h[name], self.n[name] = merge_hessian(h, self.n.get(name, 0), xtx, m)
+
+    def pop(self, name: str) -> torch.Tensor | None:
+        self._memo.clear()
+        return self.h.pop(name, None)
+
+
+@register(GPTQConfig, types=(nn.Linear, nn.Conv2d, nn.Embedding))
+def apply_gptq(model: nn.Module, config: GPTQConfig, ctx: Context) -> nn.Module:
+    data = ctx.need_data("gptq")
+    check_convertible(model, ctx.names, "gptq")
+    check_group_size(model, ctx.names, config.group_size)
+    quantize_sequential(model, ctx.names, data, lambda g: _gptq_group(g, config, ctx), ctx.report)
+    return model
+
+
+def _gptq_group(group: Group, config: GPTQConfig, ctx: Context) -> None:
+    """Collect the Hessians of the group's layers in one run, then quantize and swap them."""
+    modules = {n: group.root.get_submodule(n) for n in group.names}
+    watched = [n for n, m in modules.items() if uses_hessian(m)]
+    stats = Hessians({n: modules[n] for n in watched})
+    if watched:
+        with group.watching(stats.watch, watched):
+            group.run()
+    quant = config.quant_kwargs()
+
+    def make(name: str, module: nn.Module) -> nn.Module:
+        q = empty_twin(module, **quant)
+        weight: Any = module.weight
+        h = stats.pop(name) if name in watched else None
+        if h is None:
+            if name in watched:
+                ctx.report(
+                    f"gptq: {group.full_name(name)} saw no calibration input; rounded to nearest"
+                )
+            q.set_weight(weight)
+            return q
+        w = weight.detach().reshape(weight.shape[0], -1)  # (O, K)
+        try:
+            codes, scale, zero = gptq_quantize(
+                w,
+                h,
+                config.bits,
+                config.symmetric,
+                quant["per_channel"],
+                config.group_size,
+                config.damp,
+                config.act_order,
+                config.block_size,
+            )
+        except HessianError as e:
+            ctx.report(f"warning: gptq: {group.full_name(name)}: {e}; rounded to nearest")
+            q.set_weight(weight)
+            return q
+        q.set_quantized(codes.reshape(weight.shape), scale, zero)
+        return q
+
+    swap_modules(group.root, group.names, make)
