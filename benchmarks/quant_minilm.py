@@ -46,6 +46,13 @@ MAX_SLOWDOWN = 10.0  # a candidate this much slower than fp32 is neither evaluat
 PROBE_SIZES = (4, 12)  # examples in the calls that estimate a candidate's latency
 SLIMKIT_RECIPES = ["w8-rtn", "w8a8", "w4-rtn", "w4-gptq", "w4-awq", "w3-gptq", "mixed-4.5bit"]
 W5 = "w5-gptq"  # built from w4-gptq with bits 5: the size bound of mixed-4.5bit
+# rows built from a shipped recipe with other quantize options: name -> (recipe, options)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    # the integer results of the int_mm kernel (VNNI/AMX CPUs), computed on the fp32 kernel
+    "w8a8-exact": ("w8a8", {"kernel": "reference"}),
+    "w8a8-nosq": ("w8a8", {"smoothquant": False}),
+    W5: ("w4-gptq", {"bits": 5}),
+}
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 VERSIONS = ("transformers", "torchao", "hqq", "optimum-quanto", "onnx", "onnxruntime")
 
@@ -323,13 +330,13 @@ def format_targets(checks: list[dict[str, Any]]) -> str:
 
 
 # -- recipes, machine ---------------------------------------------------------------------
-def with_bits(recipe: dict[str, Any], bits: int, name: str) -> dict[str, Any]:
-    """A recipe dict like ``recipe`` named ``name``, its quantize stages at ``bits`` bits."""
+def with_options(recipe: dict[str, Any], changes: dict[str, Any], name: str) -> dict[str, Any]:
+    """A recipe dict like ``recipe`` named ``name``, its quantize stages updated by ``changes``."""
     stages = []
     for stage in recipe["stages"]:
         ((kind, options),) = stage.items()
-        if kind == "quantize" and "bits" in options:
-            options = {**options, "bits": bits}
+        if kind == "quantize":
+            options = {**options, **changes}
         stages.append({kind: options})
     return {"name": name, "stages": stages}
 
@@ -487,9 +494,10 @@ def fp32_make(bench: Bench) -> Make:
 def load_recipe(name: str) -> Any:
     from slimkit.recipe import Recipe, resolve
 
-    if name == W5:
-        base = Recipe.from_file(resolve("w4-gptq"))
-        return Recipe.from_dict(with_bits(base.to_dict(), 5, W5), where=W5)
+    if name in VARIANTS:
+        base_name, changes = VARIANTS[name]
+        base = Recipe.from_file(resolve(base_name))
+        return Recipe.from_dict(with_options(base.to_dict(), changes, name), where=name)
     return Recipe.from_file(resolve(name))
 
 
@@ -548,12 +556,13 @@ def peer_make(bench: Bench, peers: ModuleType, name: str) -> Make:
 
 
 def slimkit_names() -> list[str]:
-    """The recipes to run: SLIMKIT_RECIPES, with w5-gptq after w4-gptq when it exists."""
+    """The recipes to run: SLIMKIT_RECIPES, each variant after its shipped recipe."""
     from slimkit.recipe import shipped
 
     names = list(SLIMKIT_RECIPES)
-    if "w4-gptq" in shipped():
-        names.insert(names.index("w4-gptq") + 1, W5)
+    for name, (base, _) in reversed(VARIANTS.items()):
+        if base in shipped() and base in names:
+            names.insert(names.index(base) + 1, name)
     return names
 
 

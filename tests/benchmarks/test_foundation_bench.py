@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "foundation.py"
+from tests.benchmarks.conftest import load_script
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("foundation_bench", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("foundation.py")
 
 
 def result(cos: float, knn: float, size: int) -> dict:

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quant_minilm.py"
+from tests.benchmarks.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("quant_minilm_bench", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("quant_minilm.py")
 
 
 SETUP = {
@@ -158,7 +149,7 @@ def test_failed_rows_are_not_met_and_absent_rows_not_measured(bench):
     assert "w3-gptq cosine mean >= 0.95: not measured (no result)" in text
 
 
-def test_with_bits_changes_only_quantize_bits(bench):
+def test_with_options_changes_only_quantize_stages(bench):
     recipe = {
         "name": "w4-gptq",
         "stages": [
@@ -166,7 +157,7 @@ def test_with_bits_changes_only_quantize_bits(bench):
             {"quantize": {"method": "gptq", "bits": 4, "group_size": 64}},
         ],
     }
-    w5 = bench.with_bits(recipe, 5, "w5-gptq")
+    w5 = bench.with_options(recipe, {"bits": 5}, "w5-gptq")
     assert w5["name"] == "w5-gptq"
     assert w5["stages"][1]["quantize"] == {"method": "gptq", "bits": 5, "group_size": 64}
     assert w5["stages"][0] == recipe["stages"][0]
@@ -206,3 +197,16 @@ def test_selected_keeps_order_and_rejects_unknown_names(bench):
     assert bench.selected(names, ["onnxruntime", "w8-rtn"]) == ["w8-rtn", "onnxruntime"]
     with pytest.raises(SystemExit, match="unknown row name"):
         bench.selected(names, ["w9"])
+
+
+def test_variants_follow_their_shipped_recipe(bench):
+    names = bench.slimkit_names()
+    assert names[names.index("w8a8") + 1 : names.index("w8a8") + 3] == [
+        "w8a8-exact",
+        "w8a8-nosq",
+    ]
+    assert names[names.index("w4-gptq") + 1] == "w5-gptq"
+    (exact,) = bench.load_recipe("w8a8-exact").stages
+    assert (exact.kernel, exact.smoothquant, exact.alpha) == ("reference", True, 0.3)
+    (nosq,) = bench.load_recipe("w8a8-nosq").stages
+    assert (nosq.kernel, nosq.smoothquant) == ("auto", False)

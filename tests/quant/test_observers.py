@@ -348,3 +348,32 @@ def test_make_observer_unknown_name() -> None:
     allowed = "minmax, moving_average, percentile, mse, kl"
     with pytest.raises(ValueError, match=f"unknown observer 'histogram'; allowed: {allowed}"):
         O.make_observer("histogram")
+
+
+def test_kl_keeps_the_range_of_few_distinct_values_at_4_bits() -> None:
+    """Regression: pixels in 17 levels (half of them zero) were clipped to the first level."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 17, (20_000,), generator=gen).float() / 16
+    x[torch.rand(20_000, generator=gen) < 0.5] = 0.0
+    obs = O.KLObserver(bits=4, symmetric=False)
+    obs.update(x)
+    lo, hi = obs.range()
+    assert float(lo) == 0.0 and float(hi) == 1.0
+
+
+def test_kl_one_sided_clips_only_the_top_of_a_relu_tail() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(50_000, generator=gen).exp().clamp(max=60.0)  # a long right tail
+    x[:25_000] = 0.0
+    obs = O.KLObserver(bits=4, symmetric=False)
+    obs.update(x)
+    lo, hi = obs.range()
+    clipped = float((x > hi).float().sum() / (x > 0).float().sum())
+    assert float(lo) == 0.0
+    assert float(hi) < float(x.max())
+    assert clipped <= 0.01  # max_clip
+
+
+def test_kl_refuses_a_bad_max_clip() -> None:
+    with pytest.raises(ValueError, match="max_clip"):
+        O.KLObserver(max_clip=1.0)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,11 +99,17 @@ def test_latency_inputs_tile_the_test_set_past_its_size():
     assert DigitsMLP().latency_inputs(3).shape == (3, 64)
 
 
-def test_evaluate_is_top1_on_the_test_split_in_eval_and_inference_mode():
+def test_evaluate_is_top1_and_cross_entropy_on_the_test_split_in_eval_and_inference_mode():
     y_test = digits._split()[3]
     model = Constant(3).train()
     metrics = DigitsLeNet().evaluate(model)
-    assert metrics == {"accuracy": pytest.approx(float((y_test == 3).float().mean()))}
+    # one-hot logits: log-softmax is 1 - log(e + 9) on class 3, -log(e + 9) elsewhere
+    hit = float((y_test == 3).float().mean())
+    expected_ce = math.log(math.e + 9) - hit
+    assert metrics == {
+        "accuracy": pytest.approx(hit),
+        "cross_entropy": pytest.approx(expected_ce, rel=1e-5),
+    }
     assert not model.training and model.inference is True
 
 

@@ -8,7 +8,7 @@ An observer accumulates batches with :meth:`Observer.update` and reports ``(lo, 
 * ``moving_average``: exponential moving average of per-batch min/max.
 * ``percentile``: a range keeping at least ``percentile`` % of the values.
 * ``mse``: the shrunken min/max range with the smallest quantization MSE.
-* ``kl``: entropy calibration; the ``|x|`` threshold minimizing the KL divergence between the
+* ``kl``: entropy calibration; the threshold minimizing the KL divergence between the
   clipped distribution and its quantized version.
 
 The last three need the value distribution. They keep the exact min/max plus a bounded,
@@ -339,11 +339,19 @@ def _kl_divergences(hist: torch.Tensor, n_levels: int) -> torch.Tensor:
 
 
 class KLObserver(_SampledObserver):
-    """Entropy calibration on a ``bins``-bin histogram of ``|x|`` over ``[0, max |x|]``.
+    """Entropy calibration on a ``bins``-bin histogram of the non-zero values.
 
-    Picks the threshold ``t`` (a bin edge at or above ``2^(bits-1)`` bins) whose clipped
-    distribution is closest, in KL divergence, to its quantization with ``2^(bits-1)`` levels;
-    the range is ``[-t, t]`` intersected with the observed min/max.
+    Picks the threshold ``t`` (a bin edge, at least ``n_levels`` bins up) whose clipped
+    distribution is closest, in KL divergence, to its quantization with ``n_levels`` levels.
+    For a ``symmetric`` quantizer, or data on both sides of zero, the histogram is of ``|x|``
+    with ``2^(bits-1)`` levels and the range is ``[-t, t]``; for an asymmetric quantizer of
+    non-negative data (after a ReLU) it is of ``x`` itself with all ``2^bits`` levels and the
+    range is ``[min, t]``. Either way the range is intersected with the observed min/max.
+    Exact zeros are left out of the histogram: every range represents them exactly, and their
+    mass (large after a ReLU) would otherwise pull the threshold towards zero. Thresholds that
+    clip more than ``max_clip`` of the non-zero values are not considered: on data with few
+    distinct values (image pixels) a cut just above one spike has zero divergence, because the
+    clipped mass is folded into the last kept bin, and would otherwise win.
     """
 
     name = "kl"
@@ -352,24 +360,37 @@ class KLObserver(_SampledObserver):
         self,
         bits: int = 8,
         bins: int = 2048,
+        symmetric: bool = True,
+        max_clip: float = 0.01,
         channel_axis: int | None = None,
         seed: int = 0,
     ) -> None:
-        qrange(bits, True)  # validates bits
-        if bins < 2 ** (bits - 1):
-            raise ValueError(f"bins: got {bins}; allowed: >= {2 ** (bits - 1)} for {bits} bits")
+        qrange(bits, symmetric)  # validates bits
+        if bins < 2**bits:
+            raise ValueError(f"bins: got {bins}; allowed: >= {2**bits} for {bits} bits")
+        if not 0.0 <= max_clip < 1.0:
+            raise ValueError(f"max_clip: got {max_clip}; allowed: [0, 1)")
         super().__init__(channel_axis, seed)
-        self.bits, self.bins = bits, bins
+        self.bits, self.bins, self.symmetric = bits, bins, symmetric
+        self.max_clip = max_clip
 
     def _compute_range(self) -> tuple[torch.Tensor, torch.Tensor]:
-        amax = float(torch.maximum(-self._min, self._max))
-        if amax == 0.0:
+        one_sided = not self.symmetric and float(self._min) >= 0.0
+        values = self._sample if one_sided else self._sample.abs()  # (S,)
+        values = values[values > 0]
+        if values.numel() == 0:
             return self._min.clone(), self._max.clone()
-        hist = torch.histc(self._sample.abs(), bins=self.bins, min=0.0, max=amax).double()  # (B,)
-        n_levels = 2 ** (self.bits - 1)
-        kl = _kl_divergences(hist, n_levels)  # (M,)
+        top = float(values.max())
+        hist = torch.histc(values, bins=self.bins, min=0.0, max=top).double()  # (B,)
+        n_levels = 2**self.bits if one_sided else 2 ** (self.bits - 1)
+        kl = _kl_divergences(hist, n_levels)  # (M,) for cuts n_levels..B
+        kept = hist.cumsum(0)[n_levels - 1 :]  # (M,) values below each cut
+        clipped = 1.0 - kept / kept[-1]  # (M,) fraction clipped; the last cut clips nothing
+        kl = torch.where(clipped <= self.max_clip, kl, torch.inf)
         best = int(torch.argmin(kl)) + n_levels  # bins kept
-        t = torch.tensor(amax * best / self.bins, dtype=torch.float64)
+        t = torch.tensor(top * best / self.bins, dtype=torch.float64)
+        if one_sided:
+            return self._min.clone(), torch.minimum(self._max, t.to(torch.float32))
         return self._symmetric_clip(t)
 
 

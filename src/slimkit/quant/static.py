@@ -60,7 +60,7 @@ def observer_options(name: str, bits: int, symmetric: bool, percentile: float) -
     if name == "mse":
         return {"bits": bits, "symmetric": symmetric}
     if name == "kl":
-        return {"bits": bits}
+        return {"bits": bits, "symmetric": symmetric}
     return {}
 
 

@@ -2,7 +2,9 @@
 
 ``DynamicQuantLinear`` stores ``qweight`` (N, K) int8, ``scale`` (N, 1) and, after
 SmoothQuant, ``smooth`` (K,) = 1 / s, the factor applied to the input before it is quantized.
-The kernel (see ``kernels``) is chosen at run time; the artifact does not depend on it.
+The kernel (see ``kernels``) is part of the layer's spec: ``auto`` (the default) is resolved
+when the layer runs, on the machine that runs it, so one artifact is fast on any CPU; the
+integer codes and scales are the same whichever kernel runs them.
 """
 
 from __future__ import annotations
@@ -40,7 +42,12 @@ class DynamicQuantLinear(CompressedModule):
     smooth: torch.Tensor | None
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool = True, smoothquant: bool = False
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        smoothquant: bool = False,
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -48,7 +55,7 @@ class DynamicQuantLinear(CompressedModule):
         self.register_buffer("scale", torch.ones(out_features, 1))
         self.register_buffer("smooth", torch.ones(in_features) if smoothquant else None)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.kernel = "auto"
+        self.kernel = kernel  # "auto" is resolved when the layer first runs, on that machine
         self._prepared: tuple[tuple[int, int, str], kernels.Int8Weight] | None = None
 
     @classmethod
@@ -56,7 +63,7 @@ class DynamicQuantLinear(CompressedModule):
         cls, m: nn.Linear, smooth: torch.Tensor | None = None, kernel: str = "auto"
     ) -> DynamicQuantLinear:
         """Quantize ``m``; with ``smooth`` = s (K,), store ``W * s`` and apply 1 / s to inputs."""
-        q = cls(m.in_features, m.out_features, m.bias is not None, smooth is not None)
+        q = cls(m.in_features, m.out_features, m.bias is not None, smooth is not None, kernel)
         w = m.weight.detach().float()  # (N, K)
         if smooth is not None:
             w = w * smooth.reshape(1, -1)
@@ -66,7 +73,6 @@ class DynamicQuantLinear(CompressedModule):
         q.qweight.copy_(P.quantize(w, scale, zero, 8, symmetric=True))
         q.scale.copy_(scale)
         copy_bias(m, q)
-        q.kernel = kernel
         return q
 
     def spec(self) -> dict[str, Any]:
@@ -75,6 +81,7 @@ class DynamicQuantLinear(CompressedModule):
             "out_features": self.out_features,
             "bias": self.bias is not None,
             "smoothquant": self.smooth is not None,
+            "kernel": self.kernel,
         }
 
     def _weight(self) -> kernels.Int8Weight:

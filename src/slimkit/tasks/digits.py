@@ -100,6 +100,15 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(dim=1) == y).float().mean())
 
 
+def _metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy (nats) of the logits on ``(x, y)``."""
+    logits = first_tensor(call(model, x)).float()  # (N, 10)
+    return {
+        "accuracy": float((logits.argmax(dim=1) == y).float().mean()),
+        "cross_entropy": float(F.cross_entropy(logits, y)),
+    }
+
+
 class DigitsTask(Task):
     """Shared data, training, caching and metrics for the digits tasks."""
 
@@ -142,7 +151,7 @@ class DigitsTask(Task):
         _, _, x_test, y_test = _split()
         model.eval()
         with torch.inference_mode():
-            return {"accuracy": _accuracy(model, self._inputs(x_test), y_test)}
+            return _metrics(model, self._inputs(x_test), y_test)
 
     def robustness(self, model: nn.Module) -> dict[str, float]:
         x_train, _, x_test, y_test = _split()
