@@ -93,7 +93,7 @@ def run(argv: list[str] | None = None) -> None:
         for name, t in zip(models, timings, strict=True)
     ]
     text = (
-        f"# w8a8 eager and compiled\n\nminilm-topics latency batch {task.latency_description()}, "
+        f"# w8a8 eager and compiled\n\nminilm-topics, {task.latency_description()}, "
         f"{THREADS} threads, median of {args.runs} warm runs, torch {torch.__version__}.\n\n"
         + table(rows)
         + "".join(f"\n{name} failed to compile: {error}\n" for name, error in failed.items())

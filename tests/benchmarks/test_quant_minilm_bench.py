@@ -108,6 +108,8 @@ def test_each_w8a8_target_fails_on_its_own_figure(bench):
     assert status(slow, "w8a8 cosine") == [True]
     knn = bench.targets(replace(rows, "w8a8", knn_accuracy=0.414))  # 0.6 points below
     assert status(knn, "w8a8 1-NN") == [False]
+    (check,) = [c for c in knn if c["target"].startswith("w8a8 1-NN")]
+    assert check["figure"] == "w8a8: 1-NN 0.4140 vs fp32 0.4200, drop +0.60 points"
     assert status(bench.targets(replace(rows, "w8a8", knn_accuracy=0.45)), "w8a8 1-NN") == [True]
     assert status(bench.targets(replace(rows, "w8a8", simulated=True)), "w8a8 not") == [False]
     assert status(bench.targets(replace(rows, "w8a8", cosine_mean=0.9969)), "w8a8 cos") == [False]
@@ -210,3 +212,17 @@ def test_variants_follow_their_shipped_recipe(bench):
     assert (exact.kernel, exact.smoothquant, exact.alpha) == ("reference", True, 0.3)
     (nosq,) = bench.load_recipe("w8a8-nosq").stages
     assert (nosq.kernel, nosq.smoothquant) == ("auto", False)
+
+
+def test_rerender_rewrites_table_and_targets_from_saved_rows(bench, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    saved = {"setup": SETUP, "rows": all_met(bench), "targets": []}
+    (tmp_path / "quant_minilm.json").write_text(json.dumps(saved))
+    bench.run(["--rerender"])
+    result = json.loads((tmp_path / "quant_minilm.json").read_text())
+    assert result["rows"] == saved["rows"]
+    assert {c["met"] for c in result["targets"]} == {True}
+    text = (tmp_path / "quant_minilm.md").read_text()
+    assert "| w8a8 |" in text and "w8a8 speedup >= 2.5x: met" in text
