@@ -32,3 +32,20 @@ def test_pooled_cosine(bench):
     b[0] = torch.randn(5, 8)
     expected = torch.nn.functional.cosine_similarity(a.mean(1), b.mean(1), dim=-1).mean()
     assert bench_cos(a, b) == pytest.approx(float(expected))
+
+
+def test_layer_table_shows_speedups_against_fp32(bench):
+    rows = [{"shape": "8192 x 384 -> 1536", "fp32_ms": 70.0, "gemm_ms": 50.0, "layer_ms": 87.5}]
+    line = bench.layer_table(rows).splitlines()[2]
+    assert line == "| 8192 x 384 -> 1536 | 70.0 | 50.0 (1.40x) | 87.5 (0.80x) |"
+
+
+def test_layer_rows_time_each_shape(bench, monkeypatch):
+    import torch
+
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("fbgemm is not available")
+    monkeypatch.setattr(bench, "LAYER_SHAPES", ((64, 32),))
+    (row,) = bench.layer_rows(runs=1, tokens=16)
+    assert row["shape"] == "16 x 64 -> 32"
+    assert all(row[k] > 0 for k in ("fp32_ms", "gemm_ms", "layer_ms"))
