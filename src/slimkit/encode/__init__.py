@@ -1,0 +1,1 @@
+"""Entropy coding of compressed artifacts' integer streams."""
