@@ -74,8 +74,11 @@ def precheck(model: nn.Module, recipe: Recipe) -> None:
     for i, stage in enumerate(recipe.stages):
         if not isinstance(stage, StageConfig):
             continue
+        types: tuple[type, ...] = registry.module_types(stage)
+        if stage.acts_on_compressed:  # layers replaced earlier may be of its types
+            types = (*types, _Swapped)
         try:
-            chosen = select_names(named, stage.targets, stage.ignore, registry.module_types(stage))
+            chosen = select_names(named, stage.targets, stage.ignore, types)
         except SelectionError as e:
             raise SelectionError(f"recipe {recipe.name!r} stages[{i}].{stage.kind}: {e}") from None
         named.update(dict.fromkeys(chosen, _Swapped))

@@ -21,7 +21,7 @@ H = TypeVar("H", bound=Callable[..., nn.Module])
 #: every recipe stage kind the format knows, in the order they usually run
 KINDS = ("quantize", "prune", "distill", "finetune", "factorize", "separable", "nas", "encode")
 #: method used when a stage names none
-DEFAULT_METHOD = {"quantize": "rtn", "prune": "magnitude"}
+DEFAULT_METHOD = {"quantize": "rtn", "prune": "magnitude", "encode": "huffman"}
 
 _HANDLERS: dict[type, Handler] = {}
 _CONFIGS: dict[tuple[str, str], type[Config]] = {}
@@ -48,6 +48,7 @@ def register(config_cls: type[Config], types: tuple[type[nn.Module], ...] = ()) 
 def load_builtin() -> None:
     """Import the built-in techniques (their @register decorators fill the registry)."""
     # importing the technique packages runs their @register decorators
+    import slimkit.encode.stage
     import slimkit.prune.magnitude
     import slimkit.quant.awq
     import slimkit.quant.gptq

@@ -166,8 +166,9 @@ def _manifest(model: nn.Module, task: Any, recipe: dict[str, Any] | None) -> dic
 def _module_specs(model: nn.Module) -> list[dict[str, Any]]:
     specs: list[dict[str, Any]] = []
     first: dict[int, str] = {}
+    owners: list[str] = []  # compressed modules: they rebuild their own children
     for name, m in model.named_modules(remove_duplicate=False):
-        if not name:
+        if not name or any(name.startswith(f"{owner}.") for owner in owners):
             continue
         if id(m) in first:  # a module shared under several names stays shared
             specs.append({"name": name, "same_as": first[id(m)]})
@@ -175,6 +176,7 @@ def _module_specs(model: nn.Module) -> list[dict[str, Any]]:
         first[id(m)] = name
         if isinstance(m, CompressedModule):
             specs.append({"name": name, "type": type(m).__name__, "spec": m.spec()})
+            owners.append(name)
         elif (spec := standard_spec(m)) is not None:
             specs.append({"name": name, "type": type(m).__name__, "spec": spec})
     return specs
