@@ -50,6 +50,7 @@ def load_builtin() -> None:
     # importing the technique packages runs their @register decorators
     import slimkit.encode.stage
     import slimkit.prune.magnitude
+    import slimkit.prune.sparsegpt
     import slimkit.quant.awq
     import slimkit.quant.gptq
     import slimkit.quant.kmeans

@@ -89,6 +89,21 @@ def inverse_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     )
 
 
+def drop_dead_inputs(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float copies of ``w`` (O, K) and ``h`` (K, K) in which every dead input (``H_jj = 0``:
+    the channel never moved) has ``H_jj = 1`` and a zero weight column. ``ValueError`` when
+    the shapes do not match."""
+    o, k = w.shape
+    if h.shape != (k, k):
+        raise ValueError(f"a weight of shape {(o, k)} needs a ({k}, {k}) Hessian")
+    w = w.detach().float().clone()  # (O, K)
+    h = h.detach().float().clone()  # (K, K)
+    dead = h.diagonal() == 0  # (K,)
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    return w, h
+
+
 def gptq_quantize(
     w: torch.Tensor,
     h: torch.Tensor,
@@ -106,16 +121,9 @@ def gptq_quantize(
     point (R, G), or None when ``symmetric``. Raises ``HessianError`` when ``h`` cannot be
     factorized, ``ValueError`` for mismatched shapes or a group size not dividing K.
     """
-    o, k = w.shape
-    if h.shape != (k, k):
-        raise ValueError(f"a weight of shape {(o, k)} needs a ({k}, {k}) Hessian")
+    w, h = drop_dead_inputs(w, h)  # (O, K), (K, K)
     if group_size is not None:
-        P.check_group_size(k, group_size)
-    w = w.detach().float().clone()  # (O, K)
-    h = h.detach().float().clone()  # (K, K)
-    dead = h.diagonal() == 0  # (K,)
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+        P.check_group_size(w.shape[1], group_size)
     perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
