@@ -50,7 +50,9 @@ def load_builtin() -> None:
     # importing the technique packages runs their @register decorators
     import slimkit.encode.stage
     import slimkit.prune.magnitude
+    import slimkit.prune.nm
     import slimkit.prune.sparsegpt
+    import slimkit.prune.unstructured
     import slimkit.quant.awq
     import slimkit.quant.gptq
     import slimkit.quant.kmeans

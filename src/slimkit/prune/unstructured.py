@@ -1,0 +1,94 @@
+"""Unstructured pruning by an importance criterion: zero the lowest-scoring weights, store
+the rest sparsely (``SparseLinear`` / ``SparseConv2d``).
+
+Criteria (``prune/importance.py``): ``magnitude`` (``|w|``, no data), ``wanda`` (``|w| *
+||x||``, calibration data), ``taylor`` (``|w * dL/dw|``, the task's labelled training data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from slimkit.config import Scope, StageConfig
+from slimkit.pipeline import Context
+from slimkit.prune.importance import (
+    Criterion,
+    Importance,
+    Unit,
+    importance,
+    keep_masks,
+    unique_names,
+    weight_of,
+)
+from slimkit.prune.sparse import SPARSE_SWAPS, check_sparse_convertible, to_sparse
+from slimkit.registry import register
+from slimkit.select import swap_modules
+
+#: criteria that score single weights
+WEIGHT_CRITERIA = (Criterion.MAGNITUDE, Criterion.WANDA, Criterion.TAYLOR)
+
+
+@dataclasses.dataclass(frozen=True)
+class UnstructuredOptions(StageConfig):
+    """What every unstructured method takes: prune ``sparsity`` of the weights of each layer
+    (scope layer) or of all selected layers (global); every layer keeps at least
+    ``min_density`` of its weights, rounded up (so one weight at least while it is > 0)."""
+
+    sparsity: float = 0.5
+    scope: Scope = Scope.LAYER
+    min_density: float = 0.01
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.sparsity < 1.0:
+            self.fail("sparsity", "a fraction in [0, 1)")
+        if not 0.0 <= self.min_density <= 1.0:
+            self.fail("min_density", "a fraction in [0, 1] (0 lets a layer be pruned away)")
+
+
+@dataclasses.dataclass(frozen=True)
+class UnstructuredConfig(UnstructuredOptions):
+    """Unstructured pruning scored by ``criterion``: magnitude, wanda or taylor."""
+
+    kind = "prune"
+    method = "unstructured"
+
+    criterion: Criterion = Criterion.MAGNITUDE
+
+    def validate(self) -> None:
+        super().validate()
+        if self.criterion not in WEIGHT_CRITERIA:
+            self.fail("criterion", ", ".join(c.value for c in WEIGHT_CRITERIA))
+
+
+def prune_unstructured(
+    model: nn.Module, config: UnstructuredOptions, criterion: Importance, ctx: Context
+) -> nn.Module:
+    """Zero the weights of the selected layers that ``criterion`` scores lowest and swap in
+    sparse layers; every check and every data pass comes before the model changes."""
+    if criterion.unit is not Unit.WEIGHT:
+        name = type(criterion).__name__
+        raise ValueError(f"unstructured pruning needs a per-weight criterion, not {name}")
+    check_sparse_convertible(model, ctx.names, config.method)
+    names = unique_names(model, ctx.names)
+    scores = criterion(model, names, ctx)
+    keeps = keep_masks(
+        [scores[n] for n in names],
+        config.sparsity,
+        config.scope,
+        config.min_density,
+        criterion.normalize,
+    )
+    with torch.no_grad():
+        for name, keep in zip(names, keeps, strict=True):
+            weight_of(model, name).mul_(keep)
+    swap_modules(model, ctx.names, lambda _name, m: to_sparse(m))
+    return model
+
+
+@register(UnstructuredConfig, types=tuple(SPARSE_SWAPS))
+def apply_unstructured(model: nn.Module, config: UnstructuredConfig, ctx: Context) -> nn.Module:
+    return prune_unstructured(model, config, importance(config.criterion), ctx)
