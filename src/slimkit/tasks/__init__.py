@@ -11,11 +11,13 @@ from typing import Any
 from slimkit.errors import TaskError, did_you_mean
 from slimkit.tasks.base import Task
 from slimkit.tasks.digits import DigitsLeNet, DigitsMLP
+from slimkit.tasks.resnet import DigitsResNet
 from slimkit.tasks.text import HFTask, MiniLMTopics, TextEncoderTask
 
 __all__ = [
     "DigitsLeNet",
     "DigitsMLP",
+    "DigitsResNet",
     "HFTask",
     "MiniLMTopics",
     "Task",
@@ -27,7 +29,7 @@ __all__ = [
 ]
 
 _TASKS: dict[str, type[Task]] = {
-    cls.name: cls for cls in (DigitsLeNet, DigitsMLP, MiniLMTopics, HFTask)
+    cls.name: cls for cls in (DigitsLeNet, DigitsMLP, DigitsResNet, MiniLMTopics, HFTask)
 }
 
 
