@@ -12,7 +12,7 @@ candidates get fewer timed runs (at least 3) to keep each row within ``--budget-
 Prints the table and the targets; writes ``benchmarks/results/quant_minilm.{json,md}``.
 
     python benchmarks/quant_minilm.py [--runs 10] [--only NAME ...] [--skip-peers]
-        [--budget-seconds 150] [--max-slowdown 10] [--rerender]
+        [--budget-seconds 150] [--max-slowdown 10] [--merge] [--rerender]
 """
 
 from __future__ import annotations
@@ -44,7 +44,17 @@ MIN_RUNS = 3
 BUDGET_SECONDS = 150.0  # per row, for the timed rounds (fewer runs for slow candidates)
 MAX_SLOWDOWN = 10.0  # a candidate this much slower than fp32 is neither evaluated nor timed
 PROBE_SIZES = (4, 12)  # examples in the calls that estimate a candidate's latency
-SLIMKIT_RECIPES = ["w8-rtn", "w8a8", "w4-rtn", "w4-gptq", "w4-awq", "w3-gptq", "mixed-4.5bit"]
+SLIMKIT_RECIPES = [
+    "w8-rtn",
+    "w8a8",
+    "w8a8-static",
+    "w4-rtn",
+    "w4-gptq",
+    "w4-awq",
+    "w3-gptq",
+    "mixed-4.5bit",
+    "kmeans-4bit-noft",
+]
 W5 = "w5-gptq"  # built from w4-gptq with bits 5: the size bound of mixed-4.5bit
 # rows built from a shipped recipe with other quantize options: name -> (recipe, options)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -52,6 +62,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "w8a8-exact": ("w8a8", {"kernel": "reference"}),
     "w8a8-nosq": ("w8a8", {"smoothquant": False}),
     W5: ("w4-gptq", {"bits": 5}),
+    # minilm-topics has no labels to fine-tune shared values on
+    "kmeans-4bit-noft": ("kmeans-4bit", {"finetune_epochs": 0}),
 }
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 VERSIONS = ("transformers", "torchao", "hqq", "optimum-quanto", "onnx", "onnxruntime")
@@ -165,6 +177,7 @@ def describe_setup(setup: dict[str, Any]) -> str:
         f"{setup['warmup']} warm-up rounds, each candidate timed alternately with the fp32 model "
         f"in the same process. CPU: {setup['cpu_model']}; int8-relevant flags: {flags}. "
         f"{_gemm_text(setup.get('gemm'))}"
+        + (f" Table merged from {setup['merged']}." if setup.get("merged") else "")
     ).rstrip()
 
 
@@ -565,7 +578,7 @@ def slimkit_names() -> list[str]:
 
     names = list(SLIMKIT_RECIPES)
     for name, (base, _) in reversed(VARIANTS.items()):
-        if base in shipped() and base in names:
+        if base in shipped() and base in names and name not in names:
             names.insert(names.index(base) + 1, name)
     return names
 
@@ -620,6 +633,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these rows")
     parser.add_argument("--skip-peers", action="store_true", help="slimkit rows only")
     parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the saved rows of earlier runs, replacing those measured again (with --only)",
+    )
+    parser.add_argument(
         "--rerender",
         action="store_true",
         help="measure nothing: rewrite the table and targets from the saved JSON results",
@@ -646,6 +664,19 @@ def selected(all_names: list[str], only: list[str] | None) -> list[str]:
     if unknown:
         sys.exit(f"unknown row name(s): {', '.join(unknown)}; available: {', '.join(all_names)}")
     return [n for n in all_names if n in only]
+
+
+def merge_rows(
+    saved: list[dict[str, Any]], new: list[dict[str, Any]], order: list[str]
+) -> list[dict[str, Any]]:
+    """``saved`` rows with those of ``new`` replacing the same names (``new``'s fp32 row
+    only when no saved one exists), sorted by ``order`` (unknown names last)."""
+    by_name = {r["name"]: r for r in saved}
+    for r in new:
+        if r["name"] != "fp32" or "fp32" not in by_name:
+            by_name[r["name"]] = r
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(by_name.values(), key=lambda r: rank.get(r["name"], len(order)))
 
 
 def write_results(rows: list[dict[str, Any]], setup: dict[str, Any]) -> None:
@@ -693,6 +724,11 @@ def run(argv: list[str] | None = None) -> None:
                 rows.append(measure(bench, name, method, peer_make(bench, peers, name)))
         setup = setup_info(bench, ["fp32", *names])
         setup["gemm"] = gemm_probe()
+    if args.merge and (RESULTS / "quant_minilm.json").exists():
+        saved = json.loads((RESULTS / "quant_minilm.json").read_text())
+        rows = merge_rows(saved["rows"], rows, ["fp32", *recipes, *peer_names])
+        setup["rows_run"] = [r["name"] for r in rows]
+        setup["merged"] = "rows measured in separate runs, each against fp32 in its own run"
     write_results(rows, setup)
 
 

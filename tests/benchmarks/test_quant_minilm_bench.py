@@ -226,3 +226,20 @@ def test_rerender_rewrites_table_and_targets_from_saved_rows(bench, tmp_path, mo
     assert {c["met"] for c in result["targets"]} == {True}
     text = (tmp_path / "quant_minilm.md").read_text()
     assert "| w8a8 |" in text and "w8a8 speedup >= 2.5x: met" in text
+
+
+def test_merge_keeps_saved_rows_and_replaces_remeasured_ones(bench):
+    saved = [make(bench, "fp32", cos=1.0), make(bench, "w8a8", cos=0.99), make(bench, "x")]
+    new = [make(bench, "fp32", cos=1.0, speedup=0.5), make(bench, "w8a8-static", cos=0.98)]
+    new.append(make(bench, "w8a8", cos=0.995))
+    merged = bench.merge_rows(saved, new, ["fp32", "w8a8", "w8a8-static"])
+    assert [r["name"] for r in merged] == ["fp32", "w8a8", "w8a8-static", "x"]
+    assert merged[0] is saved[0]  # the saved fp32 row stays
+    assert merged[1]["cosine_mean"] == 0.995
+
+
+def test_kmeans_row_runs_without_fine_tuning(bench):
+    names = bench.slimkit_names()
+    assert names.count("kmeans-4bit-noft") == 1 and "w8a8-static" in names
+    (stage,) = bench.load_recipe("kmeans-4bit-noft").stages
+    assert stage.finetune_epochs == 0 and stage.bits == 4
