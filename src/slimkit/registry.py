@@ -21,7 +21,12 @@ H = TypeVar("H", bound=Callable[..., nn.Module])
 #: every recipe stage kind the format knows, in the order they usually run
 KINDS = ("quantize", "prune", "distill", "finetune", "factorize", "separable", "nas", "encode")
 #: method used when a stage names none
-DEFAULT_METHOD = {"quantize": "rtn", "prune": "magnitude", "encode": "huffman"}
+DEFAULT_METHOD = {
+    "quantize": "rtn",
+    "prune": "magnitude",
+    "encode": "huffman",
+    "finetune": "supervised",
+}
 
 _HANDLERS: dict[type, Handler] = {}
 _CONFIGS: dict[tuple[str, str], type[Config]] = {}
@@ -51,6 +56,7 @@ def load_builtin() -> None:
     import slimkit.encode.stage
     import slimkit.prune.magnitude
     import slimkit.prune.nm
+    import slimkit.prune.schedule
     import slimkit.prune.sparsegpt
     import slimkit.prune.unstructured
     import slimkit.quant.awq
@@ -60,7 +66,8 @@ def load_builtin() -> None:
     import slimkit.quant.qat
     import slimkit.quant.rtn
     import slimkit.quant.static
-    import slimkit.quant.w8a8  # noqa: F401
+    import slimkit.quant.w8a8
+    import slimkit.train.finetune  # noqa: F401
 
 
 def handler_for(config: Config) -> Handler:

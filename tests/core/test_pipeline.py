@@ -288,12 +288,12 @@ def test_custom_stage_runs_with_context(net: Net, scale_stage: list[Context]) ->
     assert torch.equal(net.norm.weight, ref.norm.weight)
     assert msgs == ["stage 1/1: finetune scale-for-tests"]
     assert "finetune" in registry.available_kinds()
-    assert registry.methods("finetune") == ["scale-for-tests"]
+    assert "scale-for-tests" in registry.methods("finetune")
 
 
 def test_custom_stage_registration_is_undone() -> None:
-    assert "finetune" not in registry.available_kinds()
     assert "scale-for-tests" not in registry.methods("finetune")
+    assert "supervised" in registry.methods("finetune")
     assert "rtn" in registry.methods("quantize")
 
 

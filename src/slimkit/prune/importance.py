@@ -314,7 +314,7 @@ def taylor_sums(
     The model runs in eval mode (mode flags restored after); only ``weights`` get gradients
     and no ``.grad`` is left on any tensor."""
     totals = [torch.zeros(_score_shape(w, unit), dtype=torch.float64) for w in weights]
-    with _eval(model), _only_grad(model, weights), torch.enable_grad():
+    with _eval(model), only_grad(model, weights), torch.enable_grad():
         for inputs, labels in batches:
             loss = F.cross_entropy(first_tensor(call(model, inputs)), labels)
             grads = torch.autograd.grad(loss, list(weights), allow_unused=True)
@@ -346,7 +346,7 @@ def _eval(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _only_grad(model: nn.Module, weights: Sequence[torch.Tensor]) -> Iterator[None]:
+def only_grad(model: nn.Module, weights: Sequence[torch.Tensor]) -> Iterator[None]:
     """Inside, ``weights`` require gradients and no other parameter does; flags restored."""
     tensors = {id(t): t for t in [*model.parameters(), *weights]}.values()
     flags = [(t, t.requires_grad) for t in tensors]

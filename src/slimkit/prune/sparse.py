@@ -13,7 +13,8 @@ the report's measured latency says so.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -77,12 +78,36 @@ class _SparseWeight(CompressedModule):
         self.dense = None
 
     def dense_weight(self) -> torch.Tensor:
+        """The dense weight, built once and kept; while the values are a parameter
+        (:meth:`values_to_parameter`) it is rebuilt on every call, differentiably."""
+        numel = int(torch.Size(self.weight_shape).numel())
+        if isinstance(self.values, nn.Parameter):
+            keep = unpack_mask(self.mask, numel)  # (numel,)
+            w = self.values.new_zeros(numel).masked_scatter(keep, self.values)
+            return w.reshape(self.weight_shape)
         if self.dense is None:
-            numel = int(torch.Size(self.weight_shape).numel())
             w = torch.zeros(numel, dtype=self.values.dtype)
             w[unpack_mask(self.mask, numel)] = self.values
             self.dense = w.reshape(self.weight_shape)
         return self.dense
+
+    # -- fine-tuning: the kept values become a parameter for a while ---------------------
+    def values_to_parameter(self) -> nn.Parameter:
+        """Turn the ``values`` buffer into a trainable parameter and return it; the mask
+        stays as it is, so pruned weights stay exactly zero."""
+        value = self._buffers.pop("values")
+        assert value is not None
+        param = nn.Parameter(value.detach().clone())
+        self.register_parameter("values", param)
+        self.dense = None
+        return param
+
+    def values_to_buffer(self) -> None:
+        """Undo :meth:`values_to_parameter` (keeping the trained values)."""
+        param = self._parameters.pop("values", None)
+        if param is not None:
+            self.register_buffer("values", param.detach().clone())
+        self.dense = None
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
@@ -192,6 +217,16 @@ SPARSE_SWAPS: dict[type[nn.Module], type[SparseLinear | SparseConv2d]] = {
     nn.Linear: SparseLinear,
     nn.Conv2d: SparseConv2d,
 }
+
+
+@contextlib.contextmanager
+def trainable_values(layers: Sequence[SparseLinear | SparseConv2d]) -> Iterator[list[nn.Parameter]]:
+    """The layers' kept values as parameters inside the block, buffers again after it."""
+    try:
+        yield [layer.values_to_parameter() for layer in layers]
+    finally:
+        for layer in layers:
+            layer.values_to_buffer()
 
 
 def check_sparse_convertible(model: nn.Module, names: Sequence[str], method: str) -> None:

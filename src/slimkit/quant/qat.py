@@ -273,7 +273,7 @@ def training_batches(ctx: Context, limit: int | None) -> list[TrainBatch]:
     return out
 
 
-def _writable(batch: Batch) -> Batch:
+def writable(batch: Batch) -> Batch:
     """A copy usable by autograd (data made under inference mode cannot be)."""
     if isinstance(batch, dict):
         return {k: v.clone() for k, v in batch.items()}
@@ -345,7 +345,7 @@ def apply_qat(model: nn.Module, config: QATConfig, ctx: Context) -> nn.Module:
     check_convertible(model, ctx.names, "qat")
     with torch.inference_mode(False), torch.enable_grad():
         wrap_layers(model, ctx.names, config)
-        batches = [(_writable(x), y.clone()) for x, y in data]
+        batches = [(writable(x), y.clone()) for x, y in data]
         loss = train(model, batches, config.epochs, config.lr, ctx.report)
     ctx.report(f"qat: trained {len(ctx.names)} layers, final loss {loss:.4f}")
     convert_layers(model, ctx.names)

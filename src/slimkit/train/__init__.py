@@ -1,0 +1,1 @@
+"""Training stages that run after any technique: supervised fine-tuning."""
