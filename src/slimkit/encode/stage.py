@@ -1,13 +1,19 @@
-"""The ``encode`` stage: store a compressed layer's integer stream Huffman-coded.
+"""The ``encode`` stage: store a compressed layer's integer streams Huffman-coded.
 
-``HuffmanCoded`` wraps a layer that holds integer codes (k-means indices, quantized weight
-codes) and stores those codes as a canonical Huffman stream (see :mod:`slimkit.encode.huffman`)
-instead: one symbol per weight, so frequent codes take fewer bits than the fixed width. The
-wrapped layer keeps its other tensors (codebook, scales, bias) as they are; its code buffer is
-not saved (it is rebuilt from the stream). Decoding happens once, on the first forward after
-the stream changes (after loading), then the wrapped layer computes as before.
+``HuffmanCoded`` wraps a layer that holds integer streams (k-means indices, quantized weight
+codes, the bitmask of a sparse layer) and stores each stream as a canonical Huffman code (see
+:mod:`slimkit.encode.huffman`) instead: frequent symbols take fewer bits than the fixed width
+(Deep Compression's third stage). Indices and codes are coded one symbol per weight; a
+bitmask is coded one symbol per mask byte, which at low density costs about the entropy of
+the kept positions. The wrapped layer keeps its other tensors (codebook, values, scales, bias)
+as they are; the buffers of its streams are not saved, they are rebuilt from the code.
 
-Which buffer holds the codes, and how it maps to one byte per weight, is a :class:`Codec` per
+Everything coded for one layer is one uint8 ``payload`` tensor: per stream, the code lengths
+of the symbols ``0..n_symbols - 1``, the code bits, then the chunk offsets (int64 bytes); the
+spec records each stream's sizes. Decoding happens once, on the first forward after the
+payload changes (after loading); the wrapped layer then computes as before.
+
+Which buffers hold the streams, and how they map to uint8 symbols, is a :class:`Codec` per
 layer type (:data:`CODECS`).
 """
 
@@ -17,6 +23,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,68 +31,149 @@ from slimkit.compressed import CompressedModule, compressed_module, module_class
 from slimkit.config import StageConfig
 from slimkit.encode import huffman
 from slimkit.pipeline import Context
+from slimkit.prune.sparse import SparseConv2d, SparseLinear
 from slimkit.quant import packing
-from slimkit.quant.kmeans import KMeansConv2d, KMeansLinear, KMeansWeight
+from slimkit.quant.kmeans import (
+    KMeansConv2d,
+    KMeansLinear,
+    KMeansWeight,
+    SparseKMeansConv2d,
+    SparseKMeansLinear,
+    SparseKMeansWeight,
+)
 from slimkit.quant.modules import QuantConv2d, QuantEmbedding, QuantLinear, QuantWeight
 from slimkit.registry import register
 from slimkit.select import swap_modules
 
+Streams = list[torch.Tensor]
+
 
 @dataclasses.dataclass(frozen=True)
 class Codec:
-    """Where a layer type keeps its codes and how they become one uint8 symbol per weight."""
+    """Where a layer type keeps its integer streams and how they become uint8 symbols."""
 
-    buffer: str
-    to_symbols: Callable[[Any], torch.Tensor]  # layer -> (n,) uint8
-    restore: Callable[[Any, torch.Tensor], None]  # (layer, symbols) -> buffer filled
+    buffers: tuple[str, ...]
+    to_symbols: Callable[[Any], Streams]  # layer -> one (n_i,) uint8 tensor per buffer
+    restore: Callable[[Any, Streams], None]  # (layer, symbols) -> buffers filled
 
 
 def _numel(layer: Any) -> int:
     return int(torch.Size(layer.weight_shape).numel())
 
 
-def _kmeans_symbols(layer: KMeansWeight) -> torch.Tensor:
-    return packing.unpack(layer.indices, layer.bits, _numel(layer)).to(torch.uint8)
+def _kmeans_symbols(layer: KMeansWeight) -> Streams:
+    return [layer.index_tensor().to(torch.uint8)]
 
 
-def _kmeans_restore(layer: KMeansWeight, symbols: torch.Tensor) -> None:
-    layer.indices.copy_(packing.pack(symbols, layer.bits))
+def _kmeans_restore(layer: KMeansWeight, streams: Streams) -> None:
+    layer.indices.copy_(packing.pack(streams[0], layer.bits))
 
 
-def _quant_symbols(layer: QuantWeight) -> torch.Tensor:
+def _sparse_kmeans_symbols(layer: SparseKMeansWeight) -> Streams:
+    return [layer.index_tensor().to(torch.uint8), layer.mask.clone()]
+
+
+def _sparse_kmeans_restore(layer: SparseKMeansWeight, streams: Streams) -> None:
+    layer.indices.copy_(packing.pack(streams[0], layer.bits))
+    layer.mask.copy_(streams[1])
+
+
+def _sparse_symbols(layer: SparseLinear | SparseConv2d) -> Streams:
+    return [layer.mask.clone()]
+
+
+def _sparse_restore(layer: SparseLinear | SparseConv2d, streams: Streams) -> None:
+    layer.mask.copy_(streams[0])
+    layer.dense = None
+
+
+def _quant_symbols(layer: QuantWeight) -> Streams:
     if layer.bits == 8:  # int8 codes, reinterpreted byte for byte
-        return layer.qweight.reshape(-1).view(torch.uint8).clone()
-    return packing.unpack(layer.qweight, layer.bits, _numel(layer)).to(torch.uint8)
+        return [layer.qweight.reshape(-1).view(torch.uint8).clone()]
+    return [packing.unpack(layer.qweight, layer.bits, _numel(layer)).to(torch.uint8)]
 
 
-def _quant_restore(layer: QuantWeight, symbols: torch.Tensor) -> None:
+def _quant_restore(layer: QuantWeight, streams: Streams) -> None:
     if layer.bits == 8:
-        layer.qweight.copy_(symbols.view(torch.int8).reshape(layer.qweight.shape))
+        layer.qweight.copy_(streams[0].view(torch.int8).reshape(layer.qweight.shape))
     else:
-        layer.qweight.copy_(packing.pack(symbols, layer.bits))
+        layer.qweight.copy_(packing.pack(streams[0], layer.bits))
 
 
-_KMEANS = Codec("indices", _kmeans_symbols, _kmeans_restore)
-_QUANT = Codec("qweight", _quant_symbols, _quant_restore)
+_KMEANS = Codec(("indices",), _kmeans_symbols, _kmeans_restore)
+_SPARSE_KMEANS = Codec(("indices", "mask"), _sparse_kmeans_symbols, _sparse_kmeans_restore)
+_SPARSE = Codec(("mask",), _sparse_symbols, _sparse_restore)
+_QUANT = Codec(("qweight",), _quant_symbols, _quant_restore)
 CODECS: dict[type[nn.Module], Codec] = {
     KMeansLinear: _KMEANS,
     KMeansConv2d: _KMEANS,
+    SparseKMeansLinear: _SPARSE_KMEANS,
+    SparseKMeansConv2d: _SPARSE_KMEANS,
+    SparseLinear: _SPARSE,
+    SparseConv2d: _SPARSE,
     QuantLinear: _QUANT,
     QuantConv2d: _QUANT,
     QuantEmbedding: _QUANT,
 }
 
 
+# -- payload layout -----------------------------------------------------------------------
+def stream_layout(coded: huffman.Coded) -> dict[str, int]:
+    """The sizes that locate one coded stream in a payload."""
+    present = torch.nonzero(coded.lengths).reshape(-1)
+    n_symbols = int(present.max()) + 1 if present.numel() else 0
+    return {
+        "n": coded.n,
+        "n_symbols": n_symbols,
+        "n_bytes": coded.bits.numel(),
+        "n_chunks": coded.starts.numel(),
+    }
+
+
+def payload_bytes(layout: dict[str, int]) -> int:
+    return layout["n_symbols"] + layout["n_bytes"] + 8 * layout["n_chunks"]
+
+
+def pack_payload(streams: list[huffman.Coded]) -> torch.Tensor:
+    """The uint8 payload of ``streams``: per stream, lengths, bits, chunk offsets."""
+    parts = []
+    for coded in streams:
+        layout = stream_layout(coded)
+        parts.append(coded.lengths[: layout["n_symbols"]])
+        parts.append(coded.bits)
+        offsets = coded.starts.numpy().astype("<i8").view(np.uint8)  # little-endian int64
+        parts.append(torch.from_numpy(offsets.copy()))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
+
+
+def unpack_payload(payload: torch.Tensor, layouts: list[dict[str, int]]) -> list[huffman.Coded]:
+    """The coded streams of ``payload`` (the inverse of :func:`pack_payload`)."""
+    if payload.numel() != sum(payload_bytes(layout) for layout in layouts):
+        raise ValueError("the payload does not match its layout")
+    out, at = [], 0
+    for layout in layouts:
+        lengths = torch.zeros(256, dtype=torch.uint8)
+        k = layout["n_symbols"]
+        lengths[:k] = payload[at : at + k]
+        at += k
+        bits = payload[at : at + layout["n_bytes"]].clone()
+        at += layout["n_bytes"]
+        size = 8 * layout["n_chunks"]
+        raw = payload[at : at + size].numpy().tobytes()
+        starts = torch.from_numpy(np.frombuffer(raw, dtype="<i8").astype(np.int64))
+        at += size
+        out.append(huffman.Coded(lengths, bits, starts, layout["n"]))
+    return out
+
+
 @compressed_module
 class HuffmanCoded(CompressedModule):
-    """A layer with integer codes, its codes stored as a Huffman stream."""
+    """A layer with integer streams, the streams stored Huffman-coded in one payload."""
 
-    code_lengths: torch.Tensor
-    code_bits: torch.Tensor
-    code_starts: torch.Tensor
+    payload: torch.Tensor
 
     def __init__(
-        self, inner_type: str, inner_spec: dict[str, Any], n: int, n_bytes: int, n_chunks: int
+        self, inner_type: str, inner_spec: dict[str, Any], streams: list[dict[str, int]]
     ) -> None:
         super().__init__()
         cls = module_class(inner_type)
@@ -93,40 +181,31 @@ class HuffmanCoded(CompressedModule):
             raise ValueError(f"no Huffman codec for layer type {inner_type!r}")
         self.inner = cls.from_spec(inner_spec)
         self.codec = CODECS[cls]
-        # the codes are rebuilt from the stream, so the wrapped layer does not save them
-        self.inner._non_persistent_buffers_set.add(self.codec.buffer)
-        self.n = n
-        self.register_buffer("code_lengths", torch.zeros(256, dtype=torch.uint8))
-        self.register_buffer("code_bits", torch.zeros(n_bytes, dtype=torch.uint8))
-        self.register_buffer("code_starts", torch.zeros(n_chunks, dtype=torch.int64))
-        self._decoded: int | None = None  # code_bits._version of the decoded stream
+        if len(streams) != len(self.codec.buffers):
+            raise ValueError(
+                f"{inner_type} has {len(self.codec.buffers)} streams, got {len(streams)}"
+            )
+        # the streams are rebuilt from the payload, so the wrapped layer does not save them
+        self.inner._non_persistent_buffers_set.update(self.codec.buffers)
+        self.streams = [dict(layout) for layout in streams]
+        size = sum(payload_bytes(layout) for layout in self.streams)
+        self.register_buffer("payload", torch.zeros(size, dtype=torch.uint8))
+        self._decoded: int | None = None  # payload._version of the decoded payload
 
     @classmethod
     def wrap(cls, layer: CompressedModule) -> HuffmanCoded:
-        codec = CODECS[type(layer)]
-        coded = huffman.encode(codec.to_symbols(layer))
-        out = cls(
-            type(layer).__name__,
-            layer.spec(),
-            coded.n,
-            coded.bits.numel(),
-            coded.starts.numel(),
-        )
+        coded = [huffman.encode(s) for s in CODECS[type(layer)].to_symbols(layer)]
+        out = cls(type(layer).__name__, layer.spec(), [stream_layout(c) for c in coded])
         out.inner.load_state_dict(layer.state_dict(), strict=False)
-        out.code_lengths.copy_(coded.lengths)
-        out.code_bits.copy_(coded.bits)
-        out.code_starts.copy_(coded.starts)
-        codec.restore(out.inner, huffman.decode(out.coded()))
-        out._decoded = out.code_bits._version
+        out.payload.copy_(pack_payload(coded))
+        out._restore()
         return out
 
-    def coded(self) -> huffman.Coded:
-        return huffman.Coded(self.code_lengths, self.code_bits, self.code_starts, self.n)
-
     def _restore(self) -> None:
-        if self._decoded != self.code_bits._version:
-            self.codec.restore(self.inner, huffman.decode(self.coded()))
-            self._decoded = self.code_bits._version
+        if self._decoded != self.payload._version:
+            coded = unpack_payload(self.payload, self.streams)
+            self.codec.restore(self.inner, [huffman.decode(c) for c in coded])
+            self._decoded = self.payload._version
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._restore()
@@ -136,19 +215,22 @@ class HuffmanCoded(CompressedModule):
         return {
             "inner_type": type(self.inner).__name__,
             "inner_spec": self.inner.spec(),
-            "n": self.n,
-            "n_bytes": self.code_bits.numel(),
-            "n_chunks": self.code_starts.numel(),
+            "streams": self.streams,
         }
 
     def n_params(self) -> int:
         return 0  # the wrapped layer counts the weights it represents
 
-    def bits_per_weight(self) -> float:
-        return 8.0 * self.coded().nbytes() / max(self.n, 1)
+    def bits_per_symbol(self) -> list[float]:
+        """Mean coded bits per symbol of each stream, lengths and offsets included."""
+        return [8.0 * payload_bytes(s) / max(s["n"], 1) for s in self.streams]
 
     def describe(self) -> str:
-        return f"codes Huffman-coded, {self.bits_per_weight():.2f} bits per weight"
+        rates = ", ".join(
+            f"{name} {rate:.2f} bits/symbol"
+            for name, rate in zip(self.codec.buffers, self.bits_per_symbol(), strict=True)
+        )
+        return f"Huffman-coded {rates}"
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -158,7 +240,7 @@ class HuffmanCoded(CompressedModule):
 
 @dataclasses.dataclass(frozen=True)
 class HuffmanConfig(StageConfig):
-    """Huffman-code the integer codes of k-means and quantized layers."""
+    """Huffman-code the integer streams of k-means, quantized and sparse layers."""
 
     kind = "encode"
     method = "huffman"

@@ -39,6 +39,8 @@ from slimkit.config import StageConfig
 from slimkit.data import Batch, call, first_tensor
 from slimkit.errors import ConfigError, DataError
 from slimkit.pipeline import Context
+from slimkit.prune.bitmask import pack_mask, unpack_mask
+from slimkit.prune.sparse import SparseConv2d, SparseLinear
 from slimkit.quant import packing
 from slimkit.registry import register
 from slimkit.select import swap_modules
@@ -362,6 +364,108 @@ KMEANS_SWAPS: dict[type[nn.Module], type[KMeansLinear | KMeansConv2d]] = {
 }
 
 
+# -- k-means over the kept weights of a sparse layer (Deep Compression) ----------------------
+class SparseKMeansWeight(KMeansWeight):
+    """A pruned layer whose kept weights share a codebook: ``codebook`` (2**bits,), ``indices``
+    (packed, one per kept weight, in mask order) and ``mask`` (one bit per weight). Pruned
+    weights are exactly zero; the codebook never holds them."""
+
+    mask: torch.Tensor
+
+    def _init_sparse(self, nnz: int) -> None:
+        """Resize the index storage to ``nnz`` kept weights and add the bitmask."""
+        self.nnz = nnz
+        numel = int(torch.Size(self.weight_shape).numel())
+        size = packing.packed_bytes(nnz, self.bits)
+        self.register_buffer("indices", torch.zeros(size, dtype=torch.uint8))
+        self.register_buffer("mask", torch.zeros((numel + 7) // 8, dtype=torch.uint8))
+        self._cache = None
+
+    def index_tensor(self) -> torch.Tensor:
+        """The codebook index of every kept weight, int64 (nnz,) (cached like the dense one)."""
+        packed = self.indices
+        cache = self._cache
+        if cache is None or cache[0] is not packed or cache[1] != packed._version:
+            idx = packing.unpack(packed, self.bits, self.nnz).long()  # (nnz,)
+            self._cache = cache = (packed, packed._version, idx)
+        return cache[2]
+
+    def set_sparse(self, values: torch.Tensor, keep: torch.Tensor, iters: int = 30) -> None:
+        """Cluster the kept ``values`` (nnz,) into the codebook; ``keep`` marks their places."""
+        flat = keep.reshape(-1).bool()
+        if int(flat.sum()) != self.nnz or values.numel() != self.nnz:
+            raise ValueError(
+                f"{values.numel()} values for {int(flat.sum())} kept, expected {self.nnz}"
+            )
+        k = self.codebook.numel()
+        if self.nnz:
+            centroids, idx = kmeans_1d(values.detach().float().reshape(-1), k, iters, "linear")
+        else:
+            centroids, idx = torch.zeros(k), torch.zeros(0, dtype=torch.long)
+        with torch.no_grad():
+            self.codebook.copy_(centroids)
+            self.indices.copy_(packing.pack(idx.to(torch.uint8), self.bits))
+            self.mask.copy_(pack_mask(flat))
+        self._cache = None
+
+    def dense_weight(self) -> torch.Tensor:
+        """Zeros with ``codebook[indices]`` at the kept places (differentiable in the
+        codebook, so the shared values can be fine-tuned)."""
+        numel = int(torch.Size(self.weight_shape).numel())
+        keep = unpack_mask(self.mask, numel)  # (numel,)
+        kept = self.codebook.gather(0, self.index_tensor())  # (nnz,)
+        return kept.new_zeros(numel).masked_scatter(keep, kept).reshape(self.weight_shape)
+
+    def n_params(self) -> int:
+        return self.nnz
+
+    def describe(self) -> str:
+        return (
+            f"sparse weights (bitmask), kept ones from a {self.bits}-bit k-means codebook "
+            f"({self.codebook.numel()} shared values), indices packed; dense fp32 kernel"
+        )
+
+
+@compressed_module
+class SparseKMeansLinear(SparseKMeansWeight, KMeansLinear):
+    def __init__(
+        self, in_features: int, out_features: int, nnz: int, bias: bool = True, bits: int = 4
+    ) -> None:
+        KMeansLinear.__init__(self, in_features, out_features, bias, bits)
+        self._init_sparse(nnz)
+
+    def spec(self) -> dict[str, Any]:
+        return {**KMeansLinear.spec(self), "nnz": self.nnz}
+
+
+@compressed_module
+class SparseKMeansConv2d(SparseKMeansWeight, KMeansConv2d):
+    def __init__(self, nnz: int, **conv: Any) -> None:
+        KMeansConv2d.__init__(self, **conv)
+        self._init_sparse(nnz)
+
+    def spec(self) -> dict[str, Any]:
+        return {**KMeansConv2d.spec(self), "nnz": self.nnz}
+
+
+def sparse_kmeans_twin(
+    m: SparseLinear | SparseConv2d, bits: int, iters: int = 30
+) -> SparseKMeansLinear | SparseKMeansConv2d:
+    """The k-means form of a sparse layer: same mask, kept values clustered, bias copied."""
+    numel = int(torch.Size(m.weight_shape).numel())
+    keep = unpack_mask(m.mask, numel)
+    nnz = m.values.numel()
+    q: SparseKMeansLinear | SparseKMeansConv2d
+    if isinstance(m, SparseLinear):
+        q = SparseKMeansLinear(m.in_features, m.out_features, nnz, m.bias is not None, bits)
+    else:
+        conv = {**m.geometry_spec(), "bias": m.bias is not None, "bits": bits}
+        q = SparseKMeansConv2d(nnz, **conv)
+    q.set_sparse(m.values, keep, iters)
+    copy_bias(m, q)
+    return q
+
+
 # -- codebook fine-tuning ---------------------------------------------------------------------
 @contextlib.contextmanager
 def _frozen(model: nn.Module) -> Iterator[None]:
@@ -482,6 +586,8 @@ def check_kmeans_convertible(model: nn.Module, names: Sequence[str]) -> None:
     """ConfigError naming the first selected layer that has no k-means twin of its form."""
     for name in names:
         module = model.get_submodule(name)  # a shared module is checked under each name
+        if isinstance(module, SparseLinear | SparseConv2d):
+            continue  # every sparse layer has a sparse k-means twin
         twin = KMEANS_SWAPS.get(type(module))
         if twin is None:
             raise ConfigError(f"layer {name!r} ({type(module).__name__}) cannot be quantized")
@@ -515,13 +621,15 @@ def training_batches(model: nn.Module, ctx: Context, epochs: int) -> list[TrainB
     return [(b[0], b[1]) for b in batches]
 
 
-@register(KMeansConfig, types=tuple(KMEANS_SWAPS))
+@register(KMeansConfig, types=(*KMEANS_SWAPS, SparseLinear, SparseConv2d))
 def apply_kmeans(model: nn.Module, config: KMeansConfig, ctx: Context) -> nn.Module:
     check_kmeans_convertible(model, ctx.names)
     epochs = config.finetune_epochs
     batches = training_batches(model, ctx, epochs) if epochs > 0 else []
 
     def make(name: str, module: nn.Module) -> nn.Module:
+        if isinstance(module, SparseLinear | SparseConv2d):
+            return sparse_kmeans_twin(module, config.bits, config.iters)
         twin = KMEANS_SWAPS[type(module)]
         return twin.from_float(module, bits=config.bits, iters=config.iters)  # type: ignore[arg-type]
 
