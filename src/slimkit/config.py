@@ -38,8 +38,6 @@ class Config:
 
     kind: ClassVar[str] = ""  # recipe stage kind: quantize, prune, ...
     method: ClassVar[str] = ""  # method name inside the kind: rtn, magnitude, ...
-    #: True for stages whose layer types are those earlier stages produce (e.g. encode)
-    acts_on_compressed: ClassVar[bool] = False
     version: ClassVar[int] = 1
 
     def __post_init__(self) -> None:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from slimkit import registry
+from slimkit.compressed import CompressedModule
 from slimkit.config import StageConfig
 from slimkit.data import Batch
 from slimkit.errors import DataError, ModelError, SelectionError
@@ -75,8 +76,8 @@ def precheck(model: nn.Module, recipe: Recipe) -> None:
         if not isinstance(stage, StageConfig):
             continue
         types: tuple[type, ...] = registry.module_types(stage)
-        if stage.acts_on_compressed:  # layers replaced earlier may be of its types
-            types = (*types, _Swapped)
+        if any(issubclass(t, CompressedModule) for t in types):
+            types = (*types, _Swapped)  # a layer an earlier stage replaced may be one of them
         try:
             chosen = select_names(named, stage.targets, stage.ignore, types)
         except SelectionError as e:

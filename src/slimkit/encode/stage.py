@@ -244,7 +244,6 @@ class HuffmanConfig(StageConfig):
 
     kind = "encode"
     method = "huffman"
-    acts_on_compressed = True
 
 
 @register(HuffmanConfig, types=tuple(CODECS))
