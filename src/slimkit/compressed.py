@@ -9,6 +9,7 @@ changed are rebuilt the same way through ``standard_spec`` / ``standard_from_spe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -16,8 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 M = TypeVar("M", bound="type[CompressedModule]")
+Fixup = Callable[[nn.Module], None]
+FX = TypeVar("FX", bound=Fixup)
 
 _MODULES: dict[str, type[CompressedModule]] = {}
+_AFTER_REPLAY: list[Fixup] = []
 
 
 class CompressedModule(nn.Module):
@@ -57,6 +61,20 @@ def compressed_module(cls: M) -> M:
 
 def module_class(name: str) -> type[CompressedModule] | None:
     return _MODULES.get(name)
+
+
+def after_replay(fn: FX) -> FX:
+    """Decorator: run ``fn(model)`` on every loaded model once its recorded modules are
+    swapped in, to set attributes a technique derives from the rebuilt layers' shapes (an
+    attention module's head count). ``fn`` must leave any other model unchanged."""
+    if fn not in _AFTER_REPLAY:
+        _AFTER_REPLAY.append(fn)
+    return fn
+
+
+def run_after_replay(model: nn.Module) -> None:
+    for fn in _AFTER_REPLAY:
+        fn(model)
 
 
 # -- standard torch layers whose shapes a technique may change -------------------------

@@ -59,6 +59,7 @@ def load_builtin() -> None:
     import slimkit.prune.schedule
     import slimkit.prune.sparsegpt
     import slimkit.prune.structured
+    import slimkit.prune.transformer
     import slimkit.prune.unstructured
     import slimkit.quant.awq
     import slimkit.quant.gptq

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import slimkit
-from slimkit import pipeline
+from slimkit import compressed, pipeline
 from slimkit.errors import ArtifactError, ModelError
 from slimkit.io import artifact
 from slimkit.prune.sparse import SparseConv2d, SparseLinear
@@ -133,6 +133,23 @@ def test_pruned_round_trip_bit_exact(net: Net, tmp_path: Path) -> None:
     assert type(loaded.fc1) is SparseLinear and type(loaded.conv) is SparseConv2d
     assert loaded.fc1.n_params() == net.fc1.n_params()
     assert torch.equal(out(loaded), y)
+
+
+def test_after_replay_fixups_run_on_load(
+    net: Net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(compressed, "_AFTER_REPLAY", [])
+    seen: list[int] = []
+
+    @compressed.after_replay
+    def fixup(model: nn.Module) -> None:
+        seen.append(model.fc1.out_features)  # the rebuilt layer is already in place
+
+    compressed.after_replay(fixup)  # registered once
+    net.fc1, net.fc2 = nn.Linear(8, 12), nn.Linear(12, 4)  # fresh_net's fc1 has 16 outputs
+    slimkit.save(net, tmp_path / "f")
+    slimkit.load(tmp_path / "f", model=fresh_net())
+    assert seen == [12]
 
 
 def test_pruned_then_quantized_stages_round_trip(net: Net, tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from slimkit.compressed import (
     is_simulated,
     is_standard,
     module_class,
+    run_after_replay,
     standard_from_spec,
     standard_spec,
 )
@@ -346,7 +347,8 @@ def _import(path: str, p: Path) -> Any:
 
 
 def _replay(model: nn.Module, specs: list[dict[str, Any]], p: Path) -> None:
-    """Swap in the recorded compressed modules and the standard layers whose shape changed."""
+    """Swap in the recorded compressed modules and the standard layers whose shape changed,
+    then run the ``after_replay`` fixups."""
     registry.load_builtin()
     for entry in specs:
         name = entry["name"]
@@ -363,6 +365,7 @@ def _replay(model: nn.Module, specs: list[dict[str, Any]], p: Path) -> None:
                 set_module(model, name, standard_from_spec(type_name, spec))
         else:
             raise ArtifactError(f"{p / MANIFEST}: unknown module type {type_name!r} at {name!r}")
+    run_after_replay(model)
 
 
 def _get(model: nn.Module, name: str) -> nn.Module | None:
