@@ -1,20 +1,31 @@
-"""Pruning on all-MiniLM-L6-v2: magnitude vs Wanda vs SparseGPT, 50% unstructured and 2:4.
+"""Pruning benchmarks, in three sections (one table and its targets each):
 
-Every row prunes the Linear layers of ``minilm-topics``'s model one shot, saves it, loads it
-back and evaluates it: cosine of the mean-pooled embeddings to fp32 (mean, min), topic 1-NN
-accuracy, bytes on disk and the time of the pruning call. Prints the table and the targets
-(SparseGPT beats magnitude at 50% and at 2:4); writes ``benchmarks/results/prune.{json,md}``.
+- ``minilm``: all-MiniLM-L6-v2 (``minilm-topics``), magnitude vs Wanda vs SparseGPT at 50%
+  unstructured and 2:4, one shot on every Linear layer: cosine of the mean-pooled embeddings
+  to fp32 (mean, min), topic 1-NN accuracy, bytes on disk, time of the pruning call.
+- ``resnet``: ``digits-resnet``, side by side in one run: fp32, slimkit's ``structured-50``
+  recipe and Torch-Pruning at the same channel ratio (L1 magnitude, final Linear ignored)
+  followed by the same fine-tuning stage: parameters, MACs per example, CPU latency timed
+  alternately against fp32 in one process, speedup, accuracy and its drop.
+- ``lenet``: the ``unstructured-90`` recipe on ``digits-lenet`` (and ``digits-mlp`` for
+  information): accuracy, drop, ``model.safetensors`` bytes against fp32's.
 
-    python benchmarks/prune.py [--only ROW ...]
+Every slimkit model is saved, loaded back and measured loaded. Prints each section's table and
+targets; merges the sections run into ``benchmarks/results/prune.json`` (the other sections'
+saved results are kept) and writes ``benchmarks/results/prune.md`` from all of them.
+
+    python benchmarks/prune.py [--section minilm resnet lenet] [--only ROW ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +33,17 @@ from slimkit.io.atomic import write_text
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+SECTIONS = ("minilm", "resnet", "lenet")
 TASK = "minilm-topics"
+RESNET = "digits-resnet"
+STRUCTURED, UNSTRUCTURED = "structured-50", "unstructured-90"
+PEER = "torch-pruning-50"
+LATENCY_BATCH, THREADS, RUNS, WARMUP = 256, 2, 20, 3
+# targets
+FEWER, SPEEDUP, RESNET_DROP = 2.0, 1.6, 1.0  # x fewer params/MACs, x faster, points
+LENET_DROP, LENET_SIZE = 0.5, 0.25  # points, x fp32's model.safetensors bytes
 
-#: row name -> the prune stage's options
+#: row name -> the prune stage's options (minilm section)
 ROWS: dict[str, dict[str, Any]] = {
     "magnitude-50": {"method": "magnitude", "sparsity": 0.5},
     "wanda-50": {"method": "unstructured", "criterion": "wanda", "sparsity": 0.5},
@@ -35,8 +54,17 @@ ROWS: dict[str, dict[str, Any]] = {
 }
 
 
+# -- tables and targets (pure) ------------------------------------------------------------
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _percent(value: float | None) -> str:
+    return _fmt(None if value is None else 100 * value, ".2f")
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -54,6 +82,50 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def resnet_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| row | params | MACs / example | latency ms (median) | speedup | accuracy | "
+        "drop (points) | note |",
+        "|" + "---|" * 8,
+    ]
+    for r in rows:
+        cells = [
+            r["row"],
+            _fmt(r.get("params"), ","),
+            _fmt(r.get("macs"), ","),
+            _fmt(r.get("latency_ms"), ".2f"),
+            _ratio(r.get("speedup")),
+            _percent(r.get("accuracy")),
+            _fmt(r.get("drop"), "+.2f"),
+            r.get("error") or r.get("note", ""),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def lenet_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| task | row | accuracy | drop (points) | model.safetensors bytes | vs fp32 | note |",
+        "|" + "---|" * 7,
+    ]
+    for r in rows:
+        cells = [
+            r["task"],
+            r["row"],
+            _percent(r.get("accuracy")),
+            _fmt(r.get("drop"), "+.2f"),
+            _fmt(r.get("model_bytes"), ","),
+            _fmt(r.get("size_ratio"), ".3f") + ("x" if r.get("size_ratio") is not None else ""),
+            r.get("error") or r.get("note", ""),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _target(text: str, figure: str, met: bool | None) -> dict[str, Any]:
+    return {"target": text, "figure": figure, "met": met}
+
+
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """SparseGPT's cosine mean above magnitude's, at 50% and at 2:4 (None: rows missing)."""
     cos = {r["row"]: r.get("cosine_mean") for r in rows}
@@ -62,16 +134,162 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         s, m = cos.get(f"sparsegpt-{setting}"), cos.get(f"magnitude-{setting}")
         met = None if s is None or m is None else s > m
         figure = f"sparsegpt {_fmt(s, '.5f')} vs magnitude {_fmt(m, '.5f')}"
-        out.append(
-            {"target": f"SparseGPT beats magnitude at {setting}", "figure": figure, "met": met}
-        )
+        out.append(_target(f"SparseGPT beats magnitude at {setting}", figure, met))
     return out
+
+
+def _row(rows: list[dict[str, Any]], name: str, task: str | None = None) -> dict[str, Any]:
+    """The row called ``name`` (of ``task`` when given) without error; {} when there is none."""
+    for r in rows:
+        if r["row"] == name and r.get("task", task) == task and not r.get("error"):
+            return r
+    return {}
+
+
+def _fewer(base: dict[str, Any], r: dict[str, Any], key: str) -> float | None:
+    """How many times fewer ``key`` the row has than the baseline (None: either missing)."""
+    if not base.get(key) or not r.get(key):
+        return None
+    return base[key] / r[key]
+
+
+def _at_least(value: float | None, bar: float) -> bool | None:
+    return None if value is None else value >= bar
+
+
+def _at_most(value: float | None, bar: float) -> bool | None:
+    return None if value is None else value <= bar
+
+
+def resnet_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """structured-50 against fp32 (params, MACs, speedup, drop) and against Torch-Pruning."""
+    base, ours, peer = _row(rows, "fp32"), _row(rows, STRUCTURED), _row(rows, PEER)
+    out = []
+    for key, label in (("params", "parameters"), ("macs", "MACs")):
+        fewer = _fewer(base, ours, key)
+        figure = f"{_ratio(fewer)} ({_fmt(ours.get(key), ',')} vs {_fmt(base.get(key), ',')})"
+        out.append(
+            _target(
+                f"{STRUCTURED} {label} >= {FEWER:g}x fewer than fp32",
+                figure,
+                _at_least(fewer, FEWER),
+            )
+        )
+    speedup = ours.get("speedup")
+    out.append(
+        _target(
+            f"{STRUCTURED} latency >= {SPEEDUP:g}x faster than fp32 (batch {LATENCY_BATCH}, "
+            f"{THREADS} threads)",
+            f"{_ratio(speedup)} ({_fmt(ours.get('latency_ms'), '.2f')} vs "
+            f"{_fmt(base.get('latency_ms'), '.2f')} ms)",
+            _at_least(speedup, SPEEDUP),
+        )
+    )
+    drop = ours.get("drop")
+    out.append(
+        _target(
+            f"{STRUCTURED} accuracy drop <= {RESNET_DROP:g} point",
+            f"{_fmt(drop, '+.2f')} points",
+            _at_most(drop, RESNET_DROP),
+        )
+    )
+    a, b = ours.get("accuracy"), peer.get("accuracy")
+    out.append(
+        _target(
+            f"{STRUCTURED} accuracy no worse than Torch-Pruning at the same ratio and budget",
+            f"slimkit {_percent(a)} vs torch-pruning {_percent(b)}",
+            None if a is None or b is None else a >= b,
+        )
+    )
+    return out
+
+
+def lenet_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """digits-lenet unstructured-90: accuracy drop and model.safetensors size against fp32."""
+    r = _row(rows, UNSTRUCTURED, "digits-lenet")
+    drop, ratio = r.get("drop"), r.get("size_ratio")
+    return [
+        _target(
+            f"digits-lenet {UNSTRUCTURED} accuracy drop <= {LENET_DROP:g} points",
+            f"{_fmt(drop, '+.2f')} points",
+            _at_most(drop, LENET_DROP),
+        ),
+        _target(
+            f"digits-lenet {UNSTRUCTURED} model.safetensors <= {LENET_SIZE:g}x fp32's",
+            f"{_fmt(ratio, '.3f')}x ({_fmt(r.get('model_bytes'), ',')} bytes)",
+            _at_most(ratio, LENET_SIZE),
+        ),
+    ]
 
 
 def format_targets(checks: list[dict[str, Any]]) -> str:
     status = {True: "met", False: "NOT met", None: "not measured"}
     lines = [f"- {c['target']}: {status[c['met']]} ({c['figure']})" for c in checks]
     return "Targets:\n" + "\n".join(lines) + "\n"
+
+
+def drop_points(base: dict[str, Any], r: dict[str, Any]) -> float | None:
+    if base.get("accuracy") is None or r.get("accuracy") is None:
+        return None
+    return 100.0 * (base["accuracy"] - r["accuracy"])
+
+
+def add_comparisons(rows: list[dict[str, Any]], base: dict[str, Any]) -> None:
+    """Fill each row's drop, speedup and size ratio against ``base`` where both are known."""
+    for r in rows:
+        r["drop"] = drop_points(base, r)
+        if r.get("latency_ms") and base.get("latency_ms"):
+            r["speedup"] = base["latency_ms"] / r["latency_ms"]
+        if r.get("model_bytes") and base.get("model_bytes"):
+            r["size_ratio"] = r["model_bytes"] / base["model_bytes"]
+
+
+#: section -> its table function
+TABLES: dict[str, Callable[[list[dict[str, Any]]], str]] = {
+    "minilm": table,
+    "resnet": resnet_table,
+    "lenet": lenet_table,
+}
+
+
+def merge(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Saved results with the sections in ``new`` replaced; a file of the older single-table
+    layout (``rows`` + ``targets`` at the top) counts as the minilm section."""
+    sections = dict(saved.get("sections", {}))
+    if "rows" in saved and "minilm" not in sections:
+        sections["minilm"] = {
+            "title": MINILM_TITLE,
+            "description": minilm_description(None),
+            "rows": saved["rows"],
+            "targets": saved.get("targets", []),
+        }
+    sections.update(new)
+    return {"sections": {s: sections[s] for s in SECTIONS if s in sections}}
+
+
+def render(results: dict[str, Any]) -> str:
+    """The markdown of every section in ``results``: title, description, table, targets."""
+    parts = ["# Pruning benchmarks\n"]
+    for name, section in results["sections"].items():
+        parts.append(
+            f"## {section.get('title', name)}\n\n{section.get('description', '')}\n\n"
+            + TABLES[name](section["rows"])
+            + "\n"
+            + format_targets(section["targets"])
+        )
+    return "\n".join(parts)
+
+
+# -- minilm section ---------------------------------------------------------------------------
+MINILM_TITLE = f"Unstructured and 2:4 pruning of all-MiniLM-L6-v2 ({TASK})"
+
+
+def minilm_description(torch_version: str | None) -> str:
+    torch_text = f"torch {torch_version}" if torch_version else "torch version not recorded"
+    return (
+        f"Every Linear layer of the encoder, one shot, {torch_text}, {THREADS} threads; "
+        "sparse layers stored as values + bitmask."
+    )
 
 
 def measure(task: Any, name: str, options: dict[str, Any] | None, work: Path) -> dict[str, Any]:
@@ -91,39 +309,248 @@ def measure(task: Any, name: str, options: dict[str, Any] | None, work: Path) ->
         shutil.rmtree(path)
         out.update(task.evaluate(loaded))
     except Exception as e:  # a failing row is reported, never the end of the run
-        out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        out["error"] = _error(e)
     print("   " + table([out]).splitlines()[2], flush=True)
     return out
 
 
-def run(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", metavar="ROW", choices=list(ROWS))
-    args = parser.parse_args(argv)
+def minilm_section(work: Path, only: list[str] | None) -> dict[str, Any]:
     import torch
 
     from slimkit.tasks import get
 
-    torch.set_num_threads(2)
     task = get(TASK)
+    rows = [measure(task, "fp32", None, work)]
+    for name, options in ROWS.items():
+        if not only or name in only:
+            rows.append(measure(task, name, options, work))
+    return {
+        "title": MINILM_TITLE,
+        "description": minilm_description(torch.__version__),
+        "rows": rows,
+        "targets": targets(rows),
+    }
+
+
+# -- resnet section ----------------------------------------------------------------------------
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _saved_and_loaded(model: Any, path: Path) -> Any:
+    import slimkit
+
+    saved = slimkit.save(model, path, overwrite=True)
+    loaded = slimkit.load(saved)
+    shutil.rmtree(saved)
+    return loaded
+
+
+def finetune_only(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe (as a dict) with its finetune stages only, under a name of its own."""
+    stages = [s for s in recipe["stages"] if "finetune" in s]
+    if not stages:
+        raise ValueError(f"recipe {recipe['name']!r} has no finetune stage")
+    return {"name": f"{recipe['name']}-finetune", "stages": stages}
+
+
+def _slimkit_structured(task: Any, work: Path) -> Any:
+    import slimkit
+
+    model = task.model()
+    slimkit.compress(model, STRUCTURED, task=task)
+    return _saved_and_loaded(model, work / STRUCTURED)
+
+
+def _torch_pruning(task: Any, work: Path) -> Any:
+    """Torch-Pruning at structured-50's ratio (L1 magnitude importance, the final Linear
+    ignored), then structured-50's finetune stage run by slimkit on the pruned model."""
+    import torch_pruning as tp
+
+    import slimkit
+    from slimkit.recipe import Recipe, resolve
+
+    shipped = Recipe.from_file(resolve(STRUCTURED)).to_dict()
+    (prune,) = (s["prune"] for s in shipped["stages"] if "prune" in s)
+    model = task.model()
+    pruner = tp.pruner.MetaPruner(
+        model,
+        task.example_inputs(),
+        importance=tp.importance.MagnitudeImportance(p=1),
+        pruning_ratio=prune["ratio"],
+        ignored_layers=[model.fc],
+    )
+    pruner.step()
+    slimkit.compress(model, finetune_only(shipped), task=task)
+    return model.eval()
+
+
+def _peer_version() -> str:
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        return "(not installed)"
+    return str(getattr(tp, "__version__", "(version unknown)"))
+
+
+#: resnet row -> (builder of its model, note)
+RESNET_ROWS: dict[str, tuple[Callable[[Any, Path], Any], str]] = {
+    "fp32": (lambda task, work: _saved_and_loaded(task.model(), work / "fp32"), "saved + loaded"),
+    STRUCTURED: (_slimkit_structured, "slimkit recipe; saved + loaded"),
+    PEER: (_torch_pruning, "torch-pruning L1, ratio 0.5, fc ignored + same finetune; as is"),
+}
+
+
+def _build(task: Any, name: str, work: Path) -> tuple[dict[str, Any], Any]:
+    """(row, model or None): the row holds the time of building and any error."""
+    import torch
+
+    build, note = RESNET_ROWS[name]
+    out: dict[str, Any] = {"row": name, "note": note}
+    print(f"-- {RESNET} {name}", flush=True)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    try:
+        model = build(task, work)
+    except Exception as e:  # a failing row is reported, never the end of the run
+        out["error"] = _error(e)
+        return out, None
+    out["seconds"] = time.perf_counter() - start
+    return out, model
+
+
+def resnet_section(work: Path, only: list[str] | None) -> dict[str, Any]:
+    import torch
+
+    from slimkit.compressed import count_params
+    from slimkit.evaluate.latency import time_alternating
+    from slimkit.evaluate.macs import count_macs
+    from slimkit.tasks import get
+
+    task = get(RESNET)
+    built = [_build(task, n, work) for n in RESNET_ROWS if n == "fp32" or not only or n in only]
+    timed = []
+    for row, model in built:
+        if model is None:
+            continue
+        try:
+            row.update(task.evaluate(model))
+            row["params"] = count_params(model)
+            row["macs"] = count_macs(model, task.example_inputs())
+        except Exception as e:  # a failing row is reported, never the end of the run
+            row["error"] = _error(e)
+            continue
+        timed.append((row, model))
+    inputs = task.latency_inputs(LATENCY_BATCH)
+    load_before = os.getloadavg()[0]
+    latency = time_alternating([m for _, m in timed], inputs, RUNS, WARMUP, THREADS)
+    load = max(load_before, os.getloadavg()[0])
+    for (row, _), lat in zip(timed, latency, strict=True):
+        row["latency_ms"], row["latency"] = lat["median"], lat
+    rows = [row for row, _ in built]
+    add_comparisons(rows, _row(rows, "fp32"))
+    description = (
+        f"torch {torch.__version__}. {STRUCTURED}: the shipped recipe (structured pruning of "
+        "half the channels of every coupled group by L1 norm, then its finetune stage). "
+        f"{PEER}: Torch-Pruning {_peer_version()}'s MetaPruner with MagnitudeImportance(p=1) "
+        "at the same ratio, "
+        f"the final Linear ignored, then {STRUCTURED}'s finetune stage (same epochs, lr, seed) "
+        "run by slimkit; measured as the pruner leaves it (not saved). MACs per example "
+        "(slimkit's counter); latency: median of "
+        f"{RUNS} warm runs at batch {LATENCY_BATCH}, {THREADS} threads, every model timed "
+        "alternately in one process; the machine's 1-minute load average reached "
+        f"{load:.1f} on {os.cpu_count()} CPUs while timing. Drop: fp32 accuracy minus the "
+        "row's (450 test images)."
+    )
+    return {
+        "title": f"Structured pruning of {RESNET}: slimkit vs Torch-Pruning",
+        "description": description,
+        "rows": rows,
+        "targets": resnet_targets(rows),
+    }
+
+
+# -- lenet section ------------------------------------------------------------------------------
+def _measure_bytes(task: Any, name: str, recipe: str | None, work: Path) -> dict[str, Any]:
+    """Compress (unless ``recipe`` is None), save, load, evaluate; an error becomes the row's."""
+    import torch
+
+    import slimkit
+
+    out: dict[str, Any] = {"task": task.name, "row": name}
+    print(f"-- {task.name} {name}", flush=True)
+    try:
+        torch.manual_seed(0)
+        model = task.model()
+        start = time.perf_counter()
+        if recipe is not None:
+            slimkit.compress(model, recipe, task=task)
+            out["seconds"] = time.perf_counter() - start
+        path = slimkit.save(model, work / task.name / name, overwrite=True)
+        out["model_bytes"] = (path / "model.safetensors").stat().st_size
+        loaded = slimkit.load(path)
+        shutil.rmtree(path)
+        out.update(task.evaluate(loaded))
+    except Exception as e:  # a failing row is reported, never the end of the run
+        out["error"] = _error(e)
+    return out
+
+
+def lenet_section(work: Path, only: list[str] | None) -> dict[str, Any]:
+    import torch
+
+    from slimkit.tasks import get
+
+    rows: list[dict[str, Any]] = []
+    for task_name in ("digits-lenet", "digits-mlp"):
+        task = get(task_name)
+        base = _measure_bytes(task, "fp32", None, work)
+        pruned = _measure_bytes(task, UNSTRUCTURED, UNSTRUCTURED, work)
+        add_comparisons([base, pruned], base)
+        rows += [base, pruned]
+    description = (
+        f"torch {torch.__version__}. The shipped {UNSTRUCTURED} recipe (gradual magnitude "
+        "pruning to 90% with fine-tuning); sparse layers stored as nonzero values + bitmask. "
+        "Drop: fp32 accuracy minus the row's (450 test images); 'vs fp32' compares "
+        "model.safetensors. digits-mlp is reported for information (no target)."
+    )
+    return {
+        "title": f"Unstructured 90% pruning of the digits models ({UNSTRUCTURED})",
+        "description": description,
+        "rows": rows,
+        "targets": lenet_targets(rows),
+    }
+
+
+RUNNERS: dict[str, Callable[[Path, list[str] | None], dict[str, Any]]] = {
+    "minilm": minilm_section,
+    "resnet": resnet_section,
+    "lenet": lenet_section,
+}
+
+
+def run(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--section", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--only", nargs="+", metavar="ROW", choices=[*ROWS, STRUCTURED, PEER])
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(THREADS)
+    new = {}
     with tempfile.TemporaryDirectory(prefix="prune-") as tmp:
-        rows = [measure(task, "fp32", None, Path(tmp))]
-        for name, options in ROWS.items():
-            if not args.only or name in args.only:
-                rows.append(measure(task, name, options, Path(tmp)))
-    checks = targets(rows)
-    text = (
-        f"# Pruning all-MiniLM-L6-v2 ({TASK})\n\nEvery Linear layer of the encoder, one shot, "
-        f"torch {torch.__version__}, 2 threads; sparse layers stored as values + bitmask.\n\n"
-        + table(rows)
-        + "\n"
-        + format_targets(checks)
-    )
-    write_text(
-        RESULTS / "prune.json", json.dumps({"rows": rows, "targets": checks}, indent=2) + "\n"
-    )
-    write_text(RESULTS / "prune.md", text)
-    print("\n" + text)
+        for name in args.section:
+            section = RUNNERS[name](Path(tmp), args.only)
+            new[name] = section
+            print(
+                "\n" + TABLES[name](section["rows"]) + "\n" + format_targets(section["targets"]),
+                flush=True,
+            )
+    path = RESULTS / "prune.json"
+    saved = json.loads(path.read_text("utf-8")) if path.is_file() else {}
+    results = merge(saved, new)
+    write_text(path, json.dumps(results, indent=2) + "\n")
+    write_text(RESULTS / "prune.md", render(results))
 
 
 if __name__ == "__main__":
