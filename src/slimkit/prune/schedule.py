@@ -31,12 +31,12 @@ from slimkit.prune.importance import (
     Importance,
     importance,
     keep_masks,
-    labelled_batches,
     unique_names,
     weight_of,
 )
 from slimkit.prune.sparse import SPARSE_SWAPS, check_sparse_convertible, to_sparse
 from slimkit.prune.unstructured import UnstructuredConfig
+from slimkit.quant.calibrate import labelled_batches
 from slimkit.registry import register
 from slimkit.select import swap_modules
 from slimkit.train.finetune import finetune

@@ -8,10 +8,12 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from slimkit.data import Batch, call
+from slimkit.data import Batch, call, first_tensor
 from slimkit.errors import DataError
+from slimkit.pipeline import Context
 
 Watcher = Callable[[str, torch.Tensor], None]
+TrainBatch = tuple[Batch, torch.Tensor]  # (inputs, class labels)
 
 
 def check_finite_input(name: str, x: torch.Tensor) -> None:
@@ -73,3 +75,26 @@ def input_absmax(
     with watching(model, names, watch):
         run_batches(model, data)
     return stats
+
+
+def labelled_batches(model: nn.Module, ctx: Context, what: str) -> list[TrainBatch]:
+    """The task's (inputs, class labels) batches, checked against one forward of the first
+    batch; DataError when there are none or they do not fit the model."""
+    data = ctx.task.train_data() if ctx.task is not None else None
+    if not data:
+        source = "no task was given" if ctx.task is None else f"task {ctx.task.name!r} has none"
+        raise DataError(f"{what} needs labelled training data (task train_data); {source}")
+    batches = list(data)
+    for i, item in enumerate(batches):
+        ok = isinstance(item, tuple | list) and len(item) == 2
+        if not ok or not isinstance(item[1], torch.Tensor) or item[1].is_floating_point():
+            raise DataError(f"{what}: train_data()[{i}] is not an (inputs, class labels) pair")
+    inputs, labels = batches[0]
+    with torch.no_grad():
+        logits = first_tensor(call(model, inputs))
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise DataError(
+            f"{what}: logits of shape {tuple(logits.shape)} do not fit labels of shape "
+            f"{tuple(labels.shape)}; need (B, classes) and (B,)"
+        )
+    return [(b[0], b[1]) for b in batches]

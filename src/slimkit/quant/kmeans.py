@@ -36,19 +36,18 @@ from slimkit.compressed import (
     copy_bias,
 )
 from slimkit.config import StageConfig
-from slimkit.data import Batch, call, first_tensor
-from slimkit.errors import ConfigError, DataError
+from slimkit.data import call, first_tensor
+from slimkit.errors import ConfigError
 from slimkit.pipeline import Context
 from slimkit.prune.bitmask import pack_mask, unpack_mask
 from slimkit.prune.sparse import SparseConv2d, SparseLinear
 from slimkit.quant import packing
+from slimkit.quant.calibrate import TrainBatch, labelled_batches
 from slimkit.registry import register
 from slimkit.select import swap_modules
 
 MIN_BITS, MAX_BITS = 1, 8
 INITS = ("linear", "density")
-
-TrainBatch = tuple[Batch, torch.Tensor]
 
 
 # -- clustering (pure functions) -------------------------------------------------------------
@@ -598,27 +597,8 @@ def check_kmeans_convertible(model: nn.Module, names: Sequence[str]) -> None:
 
 
 def training_batches(model: nn.Module, ctx: Context, epochs: int) -> list[TrainBatch]:
-    """The task's (inputs, labels) batches, checked; DataError when there are none or they
-    do not fit the model (one forward of the first batch, before any work)."""
-    what = f"kmeans codebook fine-tuning (finetune_epochs={epochs})"
-    data = ctx.task.train_data() if ctx.task is not None else None
-    if not data:
-        source = "a task" if ctx.task is None else f"task {ctx.task.name!r}"
-        raise DataError(f"{what} needs labelled training data; {source} has none")
-    batches = list(data)
-    for i, item in enumerate(batches):
-        ok = isinstance(item, tuple | list) and len(item) == 2
-        if not ok or not isinstance(item[1], torch.Tensor) or item[1].is_floating_point():
-            raise DataError(f"{what}: train_data()[{i}] is not an (inputs, class labels) pair")
-    inputs, labels = batches[0]
-    with torch.no_grad():
-        logits = first_tensor(call(model, inputs))
-    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
-        raise DataError(
-            f"{what}: logits of shape {tuple(logits.shape)} do not fit labels of shape "
-            f"{tuple(labels.shape)}; need (B, classes) and (B,)"
-        )
-    return [(b[0], b[1]) for b in batches]
+    """The task's (inputs, labels) batches for codebook fine-tuning, checked before any work."""
+    return labelled_batches(model, ctx, f"kmeans codebook fine-tuning (finetune_epochs={epochs})")
 
 
 @register(KMeansConfig, types=(*KMEANS_SWAPS, SparseLinear, SparseConv2d))

@@ -36,8 +36,9 @@ from slimkit.config import Config
 from slimkit.data import call, first_tensor
 from slimkit.errors import ModelError
 from slimkit.pipeline import Context
-from slimkit.prune.importance import TrainBatch, labelled_batches, only_grad
+from slimkit.prune.importance import only_grad
 from slimkit.prune.sparse import SparseConv2d, SparseLinear, trainable_values
+from slimkit.quant.calibrate import TrainBatch, labelled_batches
 from slimkit.quant.kmeans import Adam, KMeansWeight, trainable_codebooks
 from slimkit.quant.qat import writable
 from slimkit.registry import register
