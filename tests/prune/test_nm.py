@@ -175,7 +175,7 @@ def test_specs_without_pattern_still_load() -> None:
     s = SparseLinear.from_float(dense)
     assert "pattern" not in s.spec() and s.pattern is None  # unstructured specs unchanged
     spec = {"in_features": 8, "out_features": 3, "nnz": 24, "bias": True}
-    assert SparseLinear.from_spec(spec).spec() == spec
+    assert SparseLinear.from_spec(spec).spec() == {**spec, "kernel": "auto"}
 
 
 def test_layer_refuses_a_mask_off_its_pattern() -> None:

@@ -291,7 +291,10 @@ def _verify_files(p: Path, manifest: dict[str, Any]) -> None:
 
 
 def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
-    """Rebuild the model saved at ``path``; its outputs equal the saved model's bit for bit.
+    """Rebuild the model saved at ``path``: every saved tensor reloads bit for bit, and so do
+    the outputs, except that a sparse Linear on kernel ``auto`` may pick another kernel on
+    this machine (its outputs then agree to float rounding; ``kernel: dense`` keeps them
+    bit for bit).
 
     ``model``: a fresh instance of the original architecture, needed only when the artifact
     does not record a rebuildable source (a built-in task, a HF directory, or a class that

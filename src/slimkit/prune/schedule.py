@@ -158,5 +158,6 @@ def apply_gradual(model: nn.Module, config: GradualConfig, ctx: Context) -> nn.M
             masks = [(weight_of(model, n), k) for n, k in zip(names, keeps, strict=True)]
             finetune(model, batches, epochs, config.lr, config.seed, masks, ctx.report)
     by_module = {id(model.get_submodule(n)): k for n, k in zip(names, keeps, strict=True)}
-    swap_modules(model, ctx.names, lambda _name, m: to_sparse(m, by_module[id(m)]))
+    kernel = config.kernel.value
+    swap_modules(model, ctx.names, lambda _name, m: to_sparse(m, by_module[id(m)], kernel=kernel))
     return model.eval()

@@ -6,15 +6,34 @@ the mask is then checked against it when the layer is built, and the spec record
 group the bitmask takes M bits where in-group indices would take ``N * ceil(log2(M))``: the
 same for 2:4, less for 4:8, more for sparser patterns such as 1:4.
 
-They execute with the dense float kernel (the dense weight is rebuilt once, after loading,
-and kept): at the sparsities of unstructured pruning the dense kernel is faster on CPU, and
-the report's measured latency says so.
+``SparseConv2d`` executes with the dense float kernel (the dense weight is rebuilt once, after
+loading, and kept). ``SparseLinear`` has a ``kernel`` (in its spec; ``SLIMKIT_SPARSE_KERNEL``
+overrides it at run time):
+
+- ``dense``: the dense weight, rebuilt once and kept, through ``F.linear``;
+- ``csr``: ``torch.sparse.mm`` on a CSR view of the layer (row offsets and int32 column
+  indices built once from the mask, the stored ``values`` as its values); the dense weight
+  is not kept;
+- ``auto`` (default): dense at densities above ``CSR_MAX_DENSITY``, where CSR never pays on
+  CPU; otherwise, the first time the layer sees a number of input rows (rounded up to a power
+  of two), both kernels are timed on that input and the faster one runs for that bucket from
+  then on (``kernels_used()``); buckets of less than ``AUTO_MIN_MACS`` multiply-adds run
+  dense untimed. The choice is per machine and never saved, so two copies of a layer may
+  choose differently (their outputs then agree to float rounding, not bit for bit).
+
+While autograd is needed (fine-tuning the values, or an input requiring gradients) the dense
+kernel runs, whatever the setting.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import enum
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +49,55 @@ from slimkit.compressed import (
 )
 from slimkit.errors import ConfigError
 from slimkit.prune.bitmask import pack_mask, unpack_mask
+
+
+class SparseKernel(str, enum.Enum):
+    """How a ``SparseLinear`` runs; ``SLIMKIT_SPARSE_KERNEL`` overrides a layer's."""
+
+    AUTO = "auto"
+    DENSE = "dense"
+    CSR = "csr"
+
+
+SPARSE_KERNELS = tuple(k.value for k in SparseKernel)
+#: above this density ``auto`` runs the dense kernel without measuring
+CSR_MAX_DENSITY = 0.3
+#: below this many multiply-adds per call (out x in x rows bucket) ``auto`` runs the dense
+#: kernel without measuring: CSR's fixed cost per call outweighs any saving there, and timing
+#: calls of a few microseconds would pick by noise
+AUTO_MIN_MACS = 2**18
+KERNEL_ENV = "SLIMKIT_SPARSE_KERNEL"
+
+
+def check_kernel(kernel: str) -> str:
+    """``kernel`` when it is one of ``SPARSE_KERNELS``; ValueError otherwise."""
+    if kernel not in SPARSE_KERNELS:
+        raise ValueError(f"sparse kernel {kernel!r}; allowed: {', '.join(SPARSE_KERNELS)}")
+    return kernel
+
+
+def resolve_kernel(kernel: str) -> str:
+    """The kernel setting in force: ``SLIMKIT_SPARSE_KERNEL`` when set, else ``kernel``."""
+    return check_kernel(os.environ.get(KERNEL_ENV) or kernel)
+
+
+def row_bucket(rows: int) -> int:
+    """``rows`` rounded up to a power of two (1 for 0 or 1)."""
+    return 1 << max(0, rows - 1).bit_length()
+
+
+def time_kernels(runs: dict[str, Callable[[], object]], repeats: int = 3) -> dict[str, float]:
+    """Seconds per call of each function: one warm call, then the median of ``repeats``."""
+    out = {}
+    for name, fn in runs.items():
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        out[name] = statistics.median(times)
+    return out
 
 
 def parse_pattern(pattern: str) -> tuple[int, int]:
@@ -75,7 +143,15 @@ class _SparseWeight(CompressedModule):
         flat = keep.reshape(-1)
         self.values = w.detach().reshape(-1)[flat].float().clone()
         self.mask = pack_mask(flat)
+        self._reset_caches()
+        self._forget_choices()
+
+    def _reset_caches(self) -> None:
+        """Drop what is derived from values + mask (rebuilt when next needed)."""
         self.dense = None
+
+    def _forget_choices(self) -> None:
+        """Drop measured kernel choices (none here)."""
 
     def dense_weight(self) -> torch.Tensor:
         """The dense weight, built once and kept; while the values are a parameter
@@ -86,10 +162,14 @@ class _SparseWeight(CompressedModule):
             w = self.values.new_zeros(numel).masked_scatter(keep, self.values)
             return w.reshape(self.weight_shape)
         if self.dense is None:
-            w = torch.zeros(numel, dtype=self.values.dtype)
-            w[unpack_mask(self.mask, numel)] = self.values
-            self.dense = w.reshape(self.weight_shape)
+            self.dense = self._build_dense()
         return self.dense
+
+    def _build_dense(self) -> torch.Tensor:
+        numel = int(torch.Size(self.weight_shape).numel())
+        w = torch.zeros(numel, dtype=self.values.dtype)
+        w[unpack_mask(self.mask, numel)] = self.values.detach()
+        return w.reshape(self.weight_shape)
 
     # -- fine-tuning: the kept values become a parameter for a while ---------------------
     def values_to_parameter(self) -> nn.Parameter:
@@ -99,7 +179,7 @@ class _SparseWeight(CompressedModule):
         assert value is not None
         param = nn.Parameter(value.detach().clone())
         self.register_parameter("values", param)
-        self.dense = None
+        self._reset_caches()
         return param
 
     def values_to_buffer(self) -> None:
@@ -107,11 +187,11 @@ class _SparseWeight(CompressedModule):
         param = self._parameters.pop("values", None)
         if param is not None:
             self.register_buffer("values", param.detach().clone())
-        self.dense = None
+        self._reset_caches()
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self.dense = None
+        self._reset_caches()
 
     def n_params(self) -> int:
         return self.values.numel()
@@ -120,8 +200,11 @@ class _SparseWeight(CompressedModule):
         return self.values.numel() / max(1, int(torch.Size(self.weight_shape).numel()))
 
     def describe(self) -> str:
+        return f"{self.storage_text()}, run with the dense kernel"
+
+    def storage_text(self) -> str:
         kind = f"{self.pattern} semi-structured sparse" if self.pattern else "sparse"
-        return f"{kind} weights (values + bitmask) on disk, run with the dense kernel"
+        return f"{kind} weights (values + bitmask) on disk"
 
     def pattern_spec(self) -> dict[str, Any]:
         """``{"pattern": "N:M"}`` for an N:M layer; empty otherwise (older specs have none)."""
@@ -130,6 +213,11 @@ class _SparseWeight(CompressedModule):
 
 @compressed_module
 class SparseLinear(_SparseWeight):
+    """A sparse Linear run by its ``kernel``: auto, dense or csr (see the module docstring)."""
+
+    csr_crow: torch.Tensor | None
+    csr_col: torch.Tensor | None
+
     def __init__(
         self,
         in_features: int,
@@ -137,19 +225,29 @@ class SparseLinear(_SparseWeight):
         nnz: int,
         bias: bool = True,
         pattern: str | None = None,
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.kernel = check_kernel(kernel)
         self._init_storage((out_features, in_features), nnz, pattern)
+        self.register_buffer("csr_crow", None, persistent=False)
+        self.register_buffer("csr_col", None, persistent=False)
+        self._csr_key: tuple[int, int, int] | None = None
+        self._choices: dict[int, str] = {}
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     @classmethod
     def from_float(
-        cls, m: nn.Linear, keep: torch.Tensor | None = None, pattern: str | None = None
+        cls,
+        m: nn.Linear,
+        keep: torch.Tensor | None = None,
+        pattern: str | None = None,
+        kernel: str = "auto",
     ) -> SparseLinear:
         """The layer holding ``m``'s weights marked by ``keep`` (default: its nonzeros)."""
         nnz = int((m.weight != 0).sum() if keep is None else keep.sum())
-        s = cls(m.in_features, m.out_features, nnz, m.bias is not None, pattern)
+        s = cls(m.in_features, m.out_features, nnz, m.bias is not None, pattern, kernel)
         s.set_weight(m.weight, keep)
         copy_bias(m, s)
         return s
@@ -161,10 +259,124 @@ class SparseLinear(_SparseWeight):
             "nnz": self.values.numel(),
             "bias": self.bias is not None,
             **self.pattern_spec(),
+            "kernel": self.kernel,
         }
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    # -- kernels ---------------------------------------------------------------------------
+    def _reset_caches(self) -> None:
+        super()._reset_caches()
+        self.csr_crow = self.csr_col = None
+        self._csr_key = None
+
+    def _forget_choices(self) -> None:
+        self._choices = {}
+
+    def kernels_used(self) -> dict[int, str]:
+        """The kernel ``auto`` chose for each bucket of input rows seen so far (a bucket
+        ``b`` holds the calls of ``b / 2 < rows <= b`` rows)."""
+        return dict(self._choices)
+
+    def csr_weight(self) -> torch.Tensor:
+        """The weight as a CSR tensor over the stored values; its row offsets and column
+        indices are built once from the mask (again after the mask changes)."""
+        key = (id(self.mask), self.mask._version, self.values.numel())
+        if self.csr_crow is None or self.csr_col is None or self._csr_key != key:
+            rows = unpack_mask(self.mask, self.out_features * self.in_features)
+            rows = rows.reshape(self.out_features, self.in_features)
+            index = torch.int32 if rows.numel() < 2**31 else torch.int64
+            crow = torch.zeros(self.out_features + 1, dtype=torch.int64)
+            torch.cumsum(rows.sum(dim=1), dim=0, out=crow[1:])
+            self.csr_crow = crow.to(index)
+            self.csr_col = rows.nonzero()[:, 1].to(index)  # row-major, the order of values
+            self._csr_key = key
+            with warnings.catch_warnings():  # torch's one-time "beta" notice
+                warnings.simplefilter("ignore", UserWarning)
+                return self._wrap_csr()
+        return self._wrap_csr()
+
+    def _wrap_csr(self) -> torch.Tensor:
+        assert self.csr_crow is not None and self.csr_col is not None
+        shape = (self.out_features, self.in_features)
+        return torch.sparse_csr_tensor(
+            self.csr_crow, self.csr_col, self.values, shape, check_invariants=False
+        )
+
+    def _csr_linear(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)  # (M, K)
+        y = torch.sparse.mm(self.csr_weight(), rows.t()).t()  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _dense_linear(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dense_weight(), self.bias)
+
+    def _keep_only(self, kernel: str) -> None:
+        """Drop the other kernel's cached form of the weight."""
+        if kernel == "csr":
+            if self.dense is not None:
+                self.dense = None
+        elif self.csr_crow is not None:
+            self.csr_crow = self.csr_col = None
+            self._csr_key = None
+
+    def _measure(self, x: torch.Tensor) -> str:
+        """The faster kernel on ``x``, both timed under no_grad (dense on a tie)."""
+        with torch.no_grad():
+            seconds = time_kernels(
+                {"dense": lambda: self._dense_linear(x), "csr": lambda: self._csr_linear(x)}
+            )
+        return "csr" if seconds["csr"] < seconds["dense"] else "dense"
+
+    def kernel_for(self, x: torch.Tensor) -> str:
+        """The kernel that runs on ``x``: dense while autograd is needed or for the dense
+        setting, csr for the csr setting; for auto, dense above ``CSR_MAX_DENSITY``, else the
+        choice for ``x``'s row bucket, made now when it has none yet (dense below
+        ``AUTO_MIN_MACS``, else the faster of both timed on ``x``)."""
+        setting = resolve_kernel(self.kernel)
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or isinstance(self.values, nn.Parameter)
+        )
+        if needs_grad:
+            return "dense"
+        if setting != "auto":
+            self._keep_only(setting)
+            return setting
+        rows = x.numel() // self.in_features
+        if self.density() > CSR_MAX_DENSITY or rows == 0:
+            return "dense"
+        bucket = row_bucket(rows)
+        choice = self._choices.get(bucket)
+        if choice is None:
+            small = bucket * self.in_features * self.out_features < AUTO_MIN_MACS
+            choice = self._choices[bucket] = "dense" if small else self._measure(x)
+            chosen = set(self._choices.values())
+            if len(chosen) == 1:
+                self._keep_only(choice)
+        return choice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_for(x) == "csr":
+            return self._csr_linear(x)
+        return self._dense_linear(x)
+
+    def describe(self) -> str:
+        setting = resolve_kernel(self.kernel)
+        if setting == "csr":
+            return f"{self.storage_text()}, run with a CSR sparse kernel"
+        if setting == "dense":
+            return f"{self.storage_text()}, run with the dense kernel"
+        if self.density() > CSR_MAX_DENSITY:
+            return (
+                f"{self.storage_text()}, run with the dense kernel "
+                f"(density {self.density():.2f} > {CSR_MAX_DENSITY}: CSR never pays)"
+            )
+        chosen = ", ".join(f"{k} for {rows} rows" for rows, k in sorted(self._choices.items()))
+        return (
+            f"{self.storage_text()}, kernel chosen by measurement per batch size "
+            f"(dense untimed below {AUTO_MIN_MACS} multiply-adds a call): "
+            f"{chosen or 'not yet measured'}"
+        )
 
 
 @compressed_module
@@ -243,8 +455,14 @@ def check_sparse_convertible(model: nn.Module, names: Sequence[str], method: str
 
 
 def to_sparse(
-    module: nn.Module, keep: torch.Tensor | None = None, pattern: str | None = None
+    module: nn.Module,
+    keep: torch.Tensor | None = None,
+    pattern: str | None = None,
+    kernel: str = "auto",
 ) -> SparseLinear | SparseConv2d:
     """The sparse twin of a Linear or Conv2d holding the weights ``keep`` marks (default:
-    the nonzeros)."""
+    the nonzeros); ``kernel`` is a Linear's (a Conv2d always runs the dense kernel)."""
+    if SPARSE_SWAPS[type(module)] is SparseLinear:
+        return SparseLinear.from_float(module, keep, pattern, kernel)  # type: ignore[arg-type]
+    check_kernel(kernel)
     return SPARSE_SWAPS[type(module)].from_float(module, keep, pattern)  # type: ignore[arg-type]

@@ -23,7 +23,12 @@ from slimkit.prune.importance import (
     unique_names,
     weight_of,
 )
-from slimkit.prune.sparse import SPARSE_SWAPS, check_sparse_convertible, to_sparse
+from slimkit.prune.sparse import (
+    SPARSE_SWAPS,
+    SparseKernel,
+    check_sparse_convertible,
+    to_sparse,
+)
 from slimkit.registry import register
 from slimkit.select import swap_modules
 
@@ -35,11 +40,14 @@ WEIGHT_CRITERIA = (Criterion.MAGNITUDE, Criterion.WANDA, Criterion.TAYLOR)
 class UnstructuredOptions(StageConfig):
     """What every unstructured method takes: prune ``sparsity`` of the weights of each layer
     (scope layer) or of all selected layers (global); every layer keeps at least
-    ``min_density`` of its weights, rounded up (so one weight at least while it is > 0)."""
+    ``min_density`` of its weights, rounded up (so one weight at least while it is > 0).
+    ``kernel`` runs the pruned Linear layers: ``auto`` (measured per batch size on the
+    machine that runs them), ``dense`` or ``csr`` (``SparseLinear``; convolutions run dense)."""
 
     sparsity: float = 0.5
     scope: Scope = Scope.LAYER
     min_density: float = 0.01
+    kernel: SparseKernel = SparseKernel.AUTO
 
     def validate(self) -> None:
         super().validate()
@@ -85,7 +93,8 @@ def prune_unstructured(
     with torch.no_grad():
         for name, keep in zip(names, keeps, strict=True):
             weight_of(model, name).mul_(keep)
-    swap_modules(model, ctx.names, lambda _name, m: to_sparse(m))
+    kernel = config.kernel.value
+    swap_modules(model, ctx.names, lambda _name, m: to_sparse(m, kernel=kernel))
     return model
 
 
