@@ -20,6 +20,7 @@ layer type (:data:`CODECS`).
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,7 @@ from torch import nn
 from slimkit.compressed import CompressedModule, compressed_module, module_class
 from slimkit.config import StageConfig
 from slimkit.encode import huffman
+from slimkit.encode.positions import ESCAPE, ESCAPES, gaps_from_mask, mask_from_gaps
 from slimkit.pipeline import Context
 from slimkit.prune.sparse import SparseConv2d, SparseLinear
 from slimkit.quant import packing
@@ -55,6 +57,7 @@ class Codec:
     buffers: tuple[str, ...]
     to_symbols: Callable[[Any], Streams]  # layer -> one (n_i,) uint8 tensor per buffer
     restore: Callable[[Any, Streams], None]  # (layer, symbols) -> buffers filled
+    mask: int | None = None  # which stream, if any, is a packed bitmask of the weight
 
 
 def _numel(layer: Any) -> int:
@@ -101,8 +104,8 @@ def _quant_restore(layer: QuantWeight, streams: Streams) -> None:
 
 
 _KMEANS = Codec(("indices",), _kmeans_symbols, _kmeans_restore)
-_SPARSE_KMEANS = Codec(("indices", "mask"), _sparse_kmeans_symbols, _sparse_kmeans_restore)
-_SPARSE = Codec(("mask",), _sparse_symbols, _sparse_restore)
+_SPARSE_KMEANS = Codec(("indices", "mask"), _sparse_kmeans_symbols, _sparse_kmeans_restore, mask=1)
+_SPARSE = Codec(("mask",), _sparse_symbols, _sparse_restore, mask=0)
 _QUANT = Codec(("qweight",), _quant_symbols, _quant_restore)
 CODECS: dict[type[nn.Module], Codec] = {
     KMeansLinear: _KMEANS,
@@ -166,60 +169,170 @@ def unpack_payload(payload: torch.Tensor, layouts: list[dict[str, int]]) -> list
     return out
 
 
+FLOATS = ("float32", "float16")
+
+
+def _best_gaps(mask: torch.Tensor, numel: int) -> tuple[int, huffman.Coded]:
+    """The escape whose gap code of the packed bitmask ``mask`` takes the fewest payload
+    bytes, code-length table included, and that code."""
+    best: tuple[int, huffman.Coded] | None = None
+    for escape in ESCAPES:
+        coded = huffman.encode(gaps_from_mask(mask, numel, escape))
+        if best is None or payload_bytes(stream_layout(coded)) < payload_bytes(
+            stream_layout(best[1])
+        ):
+            best = (escape, coded)
+    assert best is not None
+    return best
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``t`` as a flat uint8 tensor (little-endian, as torch stores them)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).clone()
+
+
 @compressed_module
 class HuffmanCoded(CompressedModule):
-    """A layer with integer streams, the streams stored Huffman-coded in one payload."""
+    """A layer with integer streams, the streams stored Huffman-coded in one payload.
+
+    With ``floats`` set, the payload also holds every other tensor of the wrapped layer
+    (codebook, values, scales, bias) raw, floating ones as ``floats`` (``float16`` rounds
+    them; ``float32`` keeps them exact), so the layer is one tensor in the artifact. Without
+    it (older artifacts) the wrapped layer saves those tensors itself. ``positions`` says how
+    a bitmask stream is coded: ``gaps`` (:mod:`slimkit.encode.positions`) or ``bytes``."""
 
     payload: torch.Tensor
 
     def __init__(
-        self, inner_type: str, inner_spec: dict[str, Any], streams: list[dict[str, int]]
+        self,
+        inner_type: str,
+        inner_spec: dict[str, Any],
+        streams: list[dict[str, int]],
+        positions: str = "bytes",
+        floats: str | None = None,
+        escape: int = ESCAPE,
     ) -> None:
         super().__init__()
         cls = module_class(inner_type)
         if cls is None or cls not in CODECS:
             raise ValueError(f"no Huffman codec for layer type {inner_type!r}")
+        if positions not in ("gaps", "bytes"):
+            raise ValueError(f"positions {positions!r}; allowed: gaps, bytes")
+        if floats is not None and floats not in FLOATS:
+            raise ValueError(f"floats {floats!r}; allowed: {', '.join(FLOATS)}")
         self.inner = cls.from_spec(inner_spec)
         self.codec = CODECS[cls]
         if len(streams) != len(self.codec.buffers):
             raise ValueError(
                 f"{inner_type} has {len(self.codec.buffers)} streams, got {len(streams)}"
             )
+        self.positions, self.floats, self.escape = positions, floats, escape
         # the streams are rebuilt from the payload, so the wrapped layer does not save them
         self.inner._non_persistent_buffers_set.update(self.codec.buffers)
+        self.held_params = 0
+        self.raw_names = self._take_tensors() if floats is not None else []
         self.streams = [dict(layout) for layout in streams]
         size = sum(payload_bytes(layout) for layout in self.streams)
+        size += sum(self._stored(self._tensor(n)).numel() for n in self.raw_names)
         self.register_buffer("payload", torch.zeros(size, dtype=torch.uint8))
         self._decoded: int | None = None  # payload._version of the decoded payload
 
+    # -- the wrapped layer's other tensors, held in the payload ---------------------------
+    def _take_tensors(self) -> list[str]:
+        """Names of the wrapped layer's saved tensors other than its streams, made
+        non-persistent buffers (its parameters too: a coded layer does not train)."""
+        names = list(self.inner.state_dict())
+        self.held_params = 0  # elements of the wrapped layer's parameters held as buffers
+        for name in names:
+            prefix, _, attr = name.rpartition(".")
+            owner = self.inner.get_submodule(prefix)
+            param = owner._parameters.pop(attr, None)
+            if param is not None:
+                owner.register_buffer(attr, param.detach(), persistent=False)
+                self.held_params += param.numel()
+            else:
+                owner._non_persistent_buffers_set.add(attr)
+        return names
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        prefix, _, attr = name.rpartition(".")
+        t = getattr(self.inner.get_submodule(prefix), attr)
+        assert isinstance(t, torch.Tensor)
+        return t
+
+    def _stored(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` as the payload stores it: floating tensors as ``floats``, others as is."""
+        if t.is_floating_point() and self.floats is not None:
+            t = t.to(_dtype(self.floats))
+        return _raw(t)
+
+    # -- building and decoding -------------------------------------------------------------
     @classmethod
-    def wrap(cls, layer: CompressedModule) -> HuffmanCoded:
-        coded = [huffman.encode(s) for s in CODECS[type(layer)].to_symbols(layer)]
-        out = cls(type(layer).__name__, layer.spec(), [stream_layout(c) for c in coded])
-        out.inner.load_state_dict(layer.state_dict(), strict=False)
-        out.payload.copy_(pack_payload(coded))
+    def wrap(
+        cls, layer: CompressedModule, positions: str = "gaps", floats: str | None = "float32"
+    ) -> HuffmanCoded:
+        codec = CODECS[type(layer)]
+        symbols = codec.to_symbols(layer)
+        escape = ESCAPE
+        coded = [huffman.encode(s) for s in symbols]
+        if codec.mask is not None and positions == "gaps":
+            escape, coded[codec.mask] = _best_gaps(symbols[codec.mask], _numel(layer))
+        layouts = [stream_layout(c) for c in coded]
+        out = cls(type(layer).__name__, layer.spec(), layouts, positions, floats, escape)
+        state = layer.state_dict()
+        out.inner.load_state_dict(state, strict=False)
+        raw = [out._stored(state[name]) for name in out.raw_names]
+        out.payload.copy_(torch.cat([pack_payload(coded), *raw]))
         out._restore()
         return out
 
     def _restore(self) -> None:
-        if self._decoded != self.payload._version:
-            coded = unpack_payload(self.payload, self.streams)
-            self.codec.restore(self.inner, [huffman.decode(c) for c in coded])
-            self._decoded = self.payload._version
+        if self._decoded == self.payload._version:
+            return
+        at = sum(payload_bytes(layout) for layout in self.streams)
+        coded = unpack_payload(self.payload[:at], self.streams)
+        symbols = [huffman.decode(c) for c in coded]
+        if self.codec.mask is not None and self.positions == "gaps":
+            numel = _numel(self.inner)
+            symbols[self.codec.mask] = mask_from_gaps(symbols[self.codec.mask], numel, self.escape)
+        with torch.no_grad():
+            for name in self.raw_names:
+                t = self._tensor(name)
+                dtype = _dtype(self.floats or "float32") if t.is_floating_point() else t.dtype
+                size = t.numel() * dtype.itemsize
+                stored = self.payload[at : at + size].clone().view(dtype)
+                t.copy_(stored.reshape(t.shape).to(t.dtype))
+                at += size
+        self.codec.restore(self.inner, symbols)
+        self._decoded = self.payload._version
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._restore()
         return self.inner(*args, **kwargs)
 
     def spec(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "inner_type": type(self.inner).__name__,
             "inner_spec": self.inner.spec(),
             "streams": self.streams,
+            "positions": self.positions,
         }
+        if self.positions == "gaps":
+            out["escape"] = self.escape
+        if self.floats is not None:
+            out["floats"] = self.floats
+        return out
 
     def n_params(self) -> int:
-        return 0  # the wrapped layer counts the weights it represents
+        # the wrapped layer counts the weights it represents; its parameters turned buffers
+        return self.held_params
 
     def bits_per_symbol(self) -> list[float]:
         """Mean coded bits per symbol of each stream, lengths and offsets included."""
@@ -230,7 +343,8 @@ class HuffmanCoded(CompressedModule):
             f"{name} {rate:.2f} bits/symbol"
             for name, rate in zip(self.codec.buffers, self.bits_per_symbol(), strict=True)
         )
-        return f"Huffman-coded {rates}"
+        where = f"; other tensors in the payload as {self.floats}" if self.floats else ""
+        return f"Huffman-coded {rates}{where}"
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -238,19 +352,36 @@ class HuffmanCoded(CompressedModule):
         return state
 
 
+class Positions(str, enum.Enum):
+    GAPS = "gaps"
+    BYTES = "bytes"
+
+
+class Floats(str, enum.Enum):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+
+
 @dataclasses.dataclass(frozen=True)
 class HuffmanConfig(StageConfig):
-    """Huffman-code the integer streams of k-means, quantized and sparse layers."""
+    """Huffman-code the integer streams of k-means, quantized and sparse layers: the kept
+    positions of a sparse layer as ``gaps`` (run lengths, Deep Compression's relative
+    indices) or mask ``bytes``; the layer's other tensors go into the same payload with
+    floating ones stored as ``floats`` (``float32``: lossless; ``float16``: rounded, half
+    the bytes)."""
 
     kind = "encode"
     method = "huffman"
+
+    positions: Positions = Positions.GAPS
+    floats: Floats = Floats.FLOAT32
 
 
 @register(HuffmanConfig, types=tuple(CODECS))
 def apply_huffman(model: nn.Module, config: HuffmanConfig, ctx: Context) -> nn.Module:
     def make(name: str, module: nn.Module) -> nn.Module:
         assert isinstance(module, CompressedModule)
-        return HuffmanCoded.wrap(module)
+        return HuffmanCoded.wrap(module, config.positions.value, config.floats.value)
 
     swap_modules(model, ctx.names, make)
     return model
