@@ -55,10 +55,25 @@ class Optimizer(str, enum.Enum):
     ADAM = "adam"
 
 
+class LRSchedule(str, enum.Enum):
+    CONSTANT = "constant"
+    COSINE = "cosine"
+
+
+def lr_at(lr: float, step: int, total: int, schedule: LRSchedule | str) -> float:
+    """The learning rate of update ``step`` (0-based) of ``total``: ``lr`` throughout
+    (constant) or ``lr * (1 + cos(pi * step / total)) / 2`` (cosine: from ``lr`` towards 0)."""
+    if LRSchedule(schedule) is LRSchedule.CONSTANT or total <= 0:
+        return lr
+    return lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig(Config):
     """Fine-tune the whole model for ``epochs`` on the task's labelled data (cross-entropy,
-    Adam at ``lr``), over its first ``batch_limit`` batches (null: all), shuffled by ``seed``."""
+    Adam at ``lr``, held constant or decayed to 0 on a cosine over all the updates with
+    ``lr_schedule: cosine``), over its first ``batch_limit`` batches (null: all), shuffled by
+    ``seed``."""
 
     kind = "finetune"
     method = "supervised"
@@ -66,6 +81,7 @@ class FinetuneConfig(Config):
     epochs: int = 3
     lr: float = 1e-4
     optimizer: Optimizer = Optimizer.ADAM
+    lr_schedule: LRSchedule = LRSchedule.CONSTANT
     batch_limit: int | None = None
     seed: int = 0
 
@@ -145,9 +161,11 @@ def finetune(
     seed: int = 0,
     masks: WeightMasks = (),
     report: Callable[[str], None] | None = None,
+    lr_schedule: LRSchedule | str = LRSchedule.CONSTANT,
 ) -> list[float]:
     """Train ``model`` (see the module doc) with Adam on the cross-entropy of its first output
-    over ``batches`` of (inputs, class labels); return each epoch's mean loss.
+    over ``batches`` of (inputs, class labels), the rate set by ``lr_schedule`` (:func:`lr_at`)
+    before every update; return each epoch's mean loss.
 
     After every update each weight of ``masks`` is multiplied by its keep-mask, so its
     masked-out entries stay exactly zero. No ``.grad`` is left on any tensor; the model is
@@ -163,9 +181,11 @@ def finetune(
         torch.manual_seed(seed)
         opt = Adam(params, lr=lr)
         model.train()
+        updates = epochs * len(data)
         for epoch in range(epochs):
             total = 0.0
             for i in torch.randperm(len(data), generator=order).tolist():
+                opt.lr = lr_at(lr, opt.steps, updates, lr_schedule)
                 loss = _step(model, data[i], params, opt, masks)
                 if not math.isfinite(loss):
                     raise ModelError(f"finetune: the loss became {loss} in epoch {epoch + 1}")
@@ -194,6 +214,14 @@ def _step(
 @register(FinetuneConfig)
 def apply_finetune(model: nn.Module, config: FinetuneConfig, ctx: Context) -> nn.Module:
     batches = labelled_batches(model, ctx, "finetune")[: config.batch_limit]
-    losses = finetune(model, batches, config.epochs, config.lr, config.seed, report=ctx.report)
+    losses = finetune(
+        model,
+        batches,
+        config.epochs,
+        config.lr,
+        config.seed,
+        report=ctx.report,
+        lr_schedule=config.lr_schedule,
+    )
     ctx.report(f"finetune: {config.epochs} epochs on {len(batches)} batches, loss {losses[-1]:.4f}")
     return model.eval()
