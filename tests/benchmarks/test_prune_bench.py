@@ -177,3 +177,25 @@ def test_render_writes_every_section(bench):
     assert "| fp32 | 1.00000 |" in text
     assert "| digits-lenet | fp32 | 99.00 |" in text
     assert "- t: not measured (f)" in text
+
+
+def test_heads_targets_and_table(bench):
+    rows = [
+        {"row": "fp32", "params": 22_700_000, "latency_ms": 100.0, "cosine_mean": 1.0},
+        {"row": "heads-ffn", "params": 20_000_000, "latency_ms": 80.0, "cosine_mean": 0.84},
+    ]
+    bench.add_comparisons(rows, rows[0])
+    assert rows[1]["speedup"] == pytest.approx(1.25)
+    checks = bench.heads_targets(rows)
+    assert [c["met"] for c in checks] == [True, True]
+    assert "1.135x fewer parameters" in checks[0]["figure"]
+    assert "cos mean 0.84000" in checks[1]["figure"]
+    assert "| heads-ffn | 20,000,000 |" in bench.heads_table(rows)
+    missing = bench.heads_targets([rows[0], {"row": "heads-ffn", "error": "x"}])
+    assert [c["met"] for c in missing] == [None, None]
+
+
+def test_merge_keeps_the_section_order(bench):
+    saved = {"sections": {"lenet": {"rows": []}, "minilm": {"rows": []}}}
+    merged = bench.merge(saved, {"heads": {"rows": []}})
+    assert list(merged["sections"]) == ["minilm", "heads", "lenet"]
