@@ -30,6 +30,10 @@ class CompressedModule(nn.Module):
     #: True when the layer only simulates its compression (fake quant, a mask over dense
     #: weights): it is then never counted as smaller or faster.
     simulated: ClassVar[bool] = False
+    #: True when the layer's children are plain float layers that training stages (finetune,
+    #: distill) may update in place without changing the stored form (factorized and
+    #: depthwise-separable layers); False freezes the layer and everything under it.
+    trains_children: ClassVar[bool] = False
 
     def spec(self) -> dict[str, Any]:
         """JSON-able constructor arguments: enough for ``from_spec`` to rebuild the shapes."""

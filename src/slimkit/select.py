@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
 
+from slimkit.compressed import CompressedModule
 from slimkit.errors import ConfigError, SelectionError
 
 
@@ -44,8 +45,18 @@ def select(
 
 
 def module_types(model: nn.Module) -> dict[str, type[nn.Module]]:
-    """Every submodule name (shared modules under each of their names) and its type."""
-    return {n: type(m) for n, m in model.named_modules(remove_duplicate=False) if n}
+    """Every submodule name (shared modules under each of their names) and its type, leaving
+    out what lies inside a compressed layer: it saves and rebuilds its own children, so no
+    later stage may replace them."""
+    out: dict[str, type[nn.Module]] = {}
+    inside: list[str] = []  # names of compressed layers seen so far (parents come first)
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name or any(name.startswith(p + ".") for p in inside):
+            continue
+        out[name] = type(module)
+        if isinstance(module, CompressedModule):
+            inside.append(name)
+    return out
 
 
 def select_names(

@@ -149,3 +149,18 @@ def test_set_module_top_level(model: Model) -> None:
 def test_set_module_missing_parent(model: Model) -> None:
     with pytest.raises(AttributeError):
         set_module(model, "nothing.here", nn.Identity())
+
+
+def test_children_of_compressed_layers_are_never_selected() -> None:
+    from slimkit.compressed import CompressedModule
+
+    class Twin(CompressedModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = nn.Linear(4, 2), nn.Linear(2, 4)
+
+    model = nn.Sequential(Twin(), nn.Linear(4, 4))
+    assert select(model, ["*"], [], LINEAR) == ["1"]
+    with pytest.raises(SelectionError, match=r"0\.first"):
+        select(model, ["0.first"], [], LINEAR)
+    assert select(model, ["*"], [], (Twin,)) == ["0"]

@@ -8,7 +8,9 @@ the task's ``train_data()`` batches with Adam, and trains
   values are a parameter while training and the dense weight is rebuilt from values + mask at
   every step, so pruned weights stay exactly zero and the mask never changes;
 - k-means layers (``KMeansLinear`` / ``KMeansConv2d``): their codebooks (and bias), the
-  indices fixed.
+  indices fixed;
+- compressed layers made of plain float layers (``trains_children``: factorized and
+  depthwise-separable layers): those layers' parameters.
 
 Every other compressed layer stays frozen with everything it holds, its float bias and scales
 included: the integer-code layers (``QuantLinear`` / ``QuantConv2d`` / ``QuantEmbedding``,
@@ -130,7 +132,11 @@ def _unfrozen_modules(module: nn.Module, visited: set[int]) -> Iterator[nn.Modul
     if id(module) in visited:
         return
     visited.add(id(module))
-    if isinstance(module, CompressedModule) and not isinstance(module, TRAINABLE_STORAGE):
+    if (
+        isinstance(module, CompressedModule)
+        and not isinstance(module, TRAINABLE_STORAGE)
+        and not module.trains_children
+    ):
         return
     yield module
     for child in module.children():
