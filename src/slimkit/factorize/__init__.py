@@ -1,0 +1,1 @@
+"""Low-rank factorization: layers replaced by products of physically smaller layers."""
