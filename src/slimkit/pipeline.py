@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Callable
@@ -33,6 +34,9 @@ class Context:
     task: Task | None = None
     progress: Progress | None = None
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    #: the model as it entered the recipe (an eval-mode copy without gradients), when a stage
+    #: of the recipe asks for it (``needs_original`` on its config, e.g. distillation from it)
+    original: nn.Module | None = None
 
     def need_data(self, what: str) -> list[Batch]:
         """Calibration batches, or a DataError before any work when there are none."""
@@ -85,6 +89,20 @@ def precheck(model: nn.Module, recipe: Recipe) -> None:
         named.update(dict.fromkeys(chosen, _Swapped))
 
 
+def needs_original(recipe: Recipe) -> bool:
+    """Whether a stage of ``recipe`` uses the model as it was before the recipe."""
+    return any(bool(getattr(stage, "needs_original", False)) for stage in recipe.stages)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` in eval mode, no parameter requiring gradients."""
+    with torch.no_grad():
+        original = copy.deepcopy(model)
+    for p in original.parameters():
+        p.requires_grad_(False)
+    return original.eval()
+
+
 def run(
     model: nn.Module,
     recipe: Recipe,
@@ -94,6 +112,7 @@ def run(
 ) -> tuple[nn.Module, list[StageTiming]]:
     """Apply every stage of ``recipe`` to ``model`` (in place) and return it with timings."""
     precheck(model, recipe)
+    original = frozen_copy(model) if needs_original(recipe) else None
     timings = []
     for i, stage in enumerate(recipe.stages):
         start = time.perf_counter()
@@ -105,7 +124,7 @@ def run(
                 raise SelectionError(
                     f"recipe {recipe.name!r} stages[{i}].{stage.kind}: {e}"
                 ) from None
-        ctx = Context(names=names, data=data, task=task, progress=progress)
+        ctx = Context(names=names, data=data, task=task, progress=progress, original=original)
         ctx.report(f"stage {i + 1}/{len(recipe.stages)}: {stage.kind} {stage.method}")
         with torch.no_grad():
             model = registry.handler_for(stage)(model, stage, ctx)

@@ -54,6 +54,7 @@ def load_builtin() -> None:
     """Import the built-in techniques (their @register decorators fill the registry)."""
     # importing the technique packages runs their @register decorators
     import slimkit.encode.stage
+    import slimkit.factorize.stage
     import slimkit.prune.magnitude
     import slimkit.prune.nm
     import slimkit.prune.schedule
@@ -69,6 +70,8 @@ def load_builtin() -> None:
     import slimkit.quant.rtn
     import slimkit.quant.static
     import slimkit.quant.w8a8
+    import slimkit.separable.stage
+    import slimkit.train.distill
     import slimkit.train.finetune  # noqa: F401
 
 

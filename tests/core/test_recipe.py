@@ -116,10 +116,10 @@ def test_unknown_stage_kind_suggests(tmp_path: Path) -> None:
 
 
 def test_known_but_unavailable_kind(tmp_path: Path) -> None:
-    msg, p = recipe_error(tmp_path, "name: x\nstages:\n  - quantize: {}\n  - distill: {}\n")
+    msg, p = recipe_error(tmp_path, "name: x\nstages:\n  - quantize: {}\n  - nas: {}\n")
     assert str(p) in msg
     assert "stages[1]" in msg
-    assert "'distill'" in msg
+    assert "'nas'" in msg
     assert "not available" in msg
 
 

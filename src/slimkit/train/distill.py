@@ -1,0 +1,615 @@
+"""Knowledge distillation: train the (compressed) model towards a teacher's outputs.
+
+The ``distill`` stage (method ``kd``) trains what ``finetune`` trains (see
+:mod:`slimkit.train.finetune`: plain float parameters, the kept values of sparse layers,
+k-means codebooks; integer-code layers frozen; the stored form unchanged) to match a teacher:
+
+- ``teacher``: ``original`` (the model as it entered the recipe, before the earlier stages:
+  ``Context.original``, a frozen copy the pipeline takes when a stage asks for it), ``task``
+  (a fresh ``task.model()``) or the path of a saved slimkit artifact (``slimkit.load``);
+- ``loss: logits`` (classifiers): :func:`~slimkit.train.losses.kd_loss` of the first output
+  tensors over the task's labelled batches, or, with ``pseudo_labels``, over the unlabelled
+  calibration batches labelled by the teacher's argmax;
+- ``loss: embedding`` (encoders): :func:`~slimkit.train.losses.embedding_loss` of the first
+  output tensors (a (B, T, H) hidden state of a dict batch with an ``attention_mask`` is
+  mean-pooled over the mask and L2-normalised first, as the text tasks embed) over the
+  unlabelled calibration batches;
+- ``hints``: ``[student_layer, teacher_layer]`` pairs whose outputs (forward hooks) are
+  pulled together by :func:`~slimkit.train.losses.hint_loss`, times ``hint_weight``; where
+  the widths differ a projection (Linear on the last dim, 1x1 Conv2d on (B, C, H, W) maps)
+  trains with the student and is discarded afterwards.
+
+Before any training: the hint layers must exist, and the student's output must have the
+teacher's shape on the first batch (and every hint pair fit a projection). A ``val_fraction``
+of the batches (chosen by ``seed``) is held out; after each epoch the distillation loss on it
+(without hints) is measured, the best state is kept and restored at the end, and training
+stops after ``patience`` epochs without improvement. With ``checkpoint``, the student's
+state, the projections, Adam's state, the epoch and the early-stopping state are written
+after every epoch atomically to one safetensors file (its JSON metadata holds the counters;
+nothing is pickled), and a later run with the same options (``epochs`` aside) on the same
+model and data resumes from it: the shuffle and random state of every epoch are seeded from
+``seed`` and the epoch, so a resumed run ends where an uninterrupted one does.
+
+Deterministic for a given seed; no ``.grad`` is left; the model is returned in eval mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import hashlib
+import json
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimkit.config import Config
+from slimkit.data import Batch, call, first_tensor
+from slimkit.errors import ConfigError, DataError, ModelError, did_you_mean
+from slimkit.io.atomic import atomic_path
+from slimkit.pipeline import Context
+from slimkit.quant.calibrate import labelled_batches
+from slimkit.quant.kmeans import Adam
+from slimkit.quant.qat import writable
+from slimkit.registry import register
+from slimkit.train.finetune import LRSchedule, lr_at, training
+from slimkit.train.losses import embedding_loss, hint_loss, kd_loss
+
+ORIGINAL = "original"
+TASK = "task"
+CHECKPOINT_FORMAT = "slimkit-distill-checkpoint"
+CHECKPOINT_VERSION = 1
+
+#: (inputs, class labels or None) — labels are None for unlabelled (embedding) batches
+Item = tuple[Batch, torch.Tensor | None]
+
+
+class DistillLoss(str, enum.Enum):
+    LOGITS = "logits"
+    EMBEDDING = "embedding"
+
+
+class EmbeddingKind(str, enum.Enum):
+    COSINE = "cosine"
+    MSE = "mse"
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig(Config):
+    """Distil ``teacher`` (``original``, ``task`` or an artifact path) into the model for
+    ``epochs`` with Adam at ``lr`` (``lr_schedule`` constant or cosine over all updates):
+    ``loss: logits`` with temperature ``temperature`` and soft weight ``alpha`` (the rest on
+    the labels' cross-entropy), or ``loss: embedding`` (``embedding_kind`` cosine or mse);
+    ``hints`` pairs of [student_layer, teacher_layer] weighted by ``hint_weight``;
+    ``pseudo_labels`` trains on the unlabelled calibration data; ``val_fraction`` of the
+    batches held out for early stopping after ``patience`` epochs without improvement (0:
+    no validation); ``checkpoint`` a file to save after each epoch and resume from;
+    ``batch_limit`` the first batches only (null: all); shuffled by ``seed``."""
+
+    kind = "distill"
+    method = "kd"
+
+    teacher: str = ORIGINAL
+    loss: DistillLoss = DistillLoss.LOGITS
+    temperature: float = 4.0
+    alpha: float = 0.9
+    embedding_kind: EmbeddingKind = EmbeddingKind.COSINE
+    hints: tuple[tuple[str, ...], ...] = ()
+    hint_weight: float = 1.0
+    epochs: int = 3
+    lr: float = 1e-4
+    lr_schedule: LRSchedule = LRSchedule.CONSTANT
+    pseudo_labels: bool = False
+    val_fraction: float = 0.1
+    patience: int = 3
+    checkpoint: str | None = None
+    batch_limit: int | None = None
+    seed: int = 0
+
+    @property
+    def needs_original(self) -> bool:
+        """Whether the pipeline must keep a copy of the model from before the recipe."""
+        return self.teacher == ORIGINAL
+
+    def validate(self) -> None:
+        allowed_teacher = "original, task, or the path of an existing slimkit artifact"
+        if not self.teacher:
+            self.fail("teacher", allowed_teacher)
+        if self.teacher not in (ORIGINAL, TASK) and not Path(self.teacher).exists():
+            raise ConfigError(
+                f"{self._where('teacher')}: got {self.teacher!r}, which is not an existing "
+                f"path{did_you_mean(self.teacher, [ORIGINAL, TASK])}; allowed: {allowed_teacher}"
+            )
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            self.fail("temperature", "a positive finite number")
+        if not 0.0 <= self.alpha <= 1.0:
+            self.fail("alpha", "a number from 0 to 1")
+        for pair in self.hints:
+            if len(pair) != 2 or not all(pair):
+                self.fail("hints", "a list of [student_layer, teacher_layer] name pairs")
+        if not (math.isfinite(self.hint_weight) and self.hint_weight >= 0):
+            self.fail("hint_weight", "a finite number >= 0")
+        if self.epochs < 1:
+            self.fail("epochs", "an integer >= 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            self.fail("lr", "a positive finite number")
+        if not 0.0 <= self.val_fraction < 1.0:
+            self.fail("val_fraction", "a number >= 0 and < 1 (0: no validation)")
+        if self.patience < 1:
+            self.fail("patience", "an integer >= 1")
+        if self.checkpoint is not None and (not self.checkpoint or Path(self.checkpoint).is_dir()):
+            self.fail("checkpoint", "the path of a file (not a directory), or null")
+        if self.batch_limit is not None and self.batch_limit < 1:
+            self.fail("batch_limit", "an integer >= 1, or null for every batch")
+        if self.seed < 0:
+            self.fail("seed", "an integer >= 0")
+
+
+@dataclasses.dataclass
+class History:
+    """What a distillation run did: per epoch (including those of a resumed run) the mean
+    training loss and the validation loss (empty without validation)."""
+
+    losses: list[float] = dataclasses.field(default_factory=list)
+    val: list[float] = dataclasses.field(default_factory=list)
+    best_epoch: int = 0  # 1-based; 0 when there was no validation
+    stopped_early: bool = False
+    resumed_from: int = 0  # epochs already done in the checkpoint resumed from
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.losses)
+
+
+# -- checks before any work --------------------------------------------------------------
+def check_hint_layers(model: nn.Module, config: DistillConfig, role: str) -> None:
+    """ConfigError naming the first hint layer missing from ``model`` (``role``: student or
+    teacher)."""
+    names = [name for name, _ in model.named_modules() if name]
+    column = 0 if role == "student" else 1
+    for i, pair in enumerate(config.hints):
+        name = pair[column]
+        if name not in names:
+            raise ConfigError(
+                f"{config._where('hints')}[{i}]: the {role} has no layer {name!r}"
+                f"{did_you_mean(name, names)}"
+            )
+
+
+def resolve_teacher(config: DistillConfig, ctx: Context) -> nn.Module:
+    """The teacher model, in eval mode without gradients."""
+    where = config._where("teacher")
+    if config.teacher == ORIGINAL:
+        if ctx.original is None:
+            raise ConfigError(
+                f"{where}: 'original' needs the model from before the recipe, which the "
+                "pipeline keeps only when run through slimkit.compress / pipeline.run"
+            )
+        teacher = ctx.original
+    elif config.teacher == TASK:
+        if ctx.task is None:
+            raise ConfigError(f"{where}: 'task' needs a task; none was given")
+        teacher = ctx.task.model()
+    else:
+        path = Path(config.teacher)
+        if not path.exists():
+            raise ConfigError(f"{where}: the teacher artifact {str(path)!r} does not exist")
+        from slimkit.io.artifact import load
+
+        teacher = load(path)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    return teacher.eval()
+
+
+def training_items(
+    model: nn.Module, teacher: nn.Module, config: DistillConfig, ctx: Context
+) -> list[Item]:
+    """The batches to train on: the task's labelled batches for ``loss: logits``; the
+    calibration batches (labelled by the teacher's argmax with ``pseudo_labels``) otherwise."""
+    items: list[Item]
+    if config.loss is DistillLoss.LOGITS and not config.pseudo_labels:
+        items = list(labelled_batches(model, ctx, "distill"))
+    else:
+        batches = ctx.need_data("distill")
+        items = [(b, None) for b in batches]
+    items = items[: config.batch_limit]
+    if config.loss is DistillLoss.LOGITS and config.pseudo_labels:
+        with torch.no_grad():
+            items = [(x, first_tensor(call(teacher, x)).argmax(dim=-1)) for x, _ in items]
+    return items
+
+
+@dataclasses.dataclass(frozen=True)
+class HintPlan:
+    """A hint pair's layers and the projection it needs: None (same shape), ``linear`` or
+    ``conv`` from ``width_in`` to ``width_out``."""
+
+    student: str
+    teacher: str
+    projection: str | None
+    width_in: int
+    width_out: int
+
+    def build(self) -> nn.Module:
+        if self.projection == "conv":
+            return nn.Conv2d(self.width_in, self.width_out, kernel_size=1)
+        if self.projection == "linear":
+            return nn.Linear(self.width_in, self.width_out)
+        return nn.Identity()
+
+
+def check_shapes(
+    model: nn.Module, teacher: nn.Module, item: Item, config: DistillConfig
+) -> list[HintPlan]:
+    """One forward of both models on ``item``: ModelError naming both shapes when the
+    outputs differ, ConfigError when a hint pair's features cannot be projected; returns the
+    hint plan."""
+    inputs = item[0]
+    pairs = [(str(s), str(t)) for s, t in config.hints]
+    with (
+        torch.no_grad(),
+        capturing(model, [s for s, _ in pairs]) as s_feats,
+        capturing(teacher, [t for _, t in pairs]) as t_feats,
+    ):
+        was_training = model.training
+        model.eval()
+        try:
+            s_out = outputs(call(model, inputs), inputs, config.loss)
+        finally:
+            model.train(was_training)
+        t_out = outputs(call(teacher, inputs), inputs, config.loss)
+    if s_out.shape != t_out.shape:
+        raise ModelError(
+            f"distill: the student's output shape {tuple(s_out.shape)} does not match the "
+            f"teacher's {tuple(t_out.shape)} (first training batch)"
+        )
+    plans = []
+    for i, (s_name, t_name) in enumerate(pairs):
+        s, t = s_feats[s_name], t_feats[t_name]
+        plans.append(_plan(config, i, s_name, t_name, s.shape, t.shape))
+    return plans
+
+
+def _plan(
+    config: DistillConfig, i: int, s_name: str, t_name: str, s: torch.Size, t: torch.Size
+) -> HintPlan:
+    if s == t:
+        return HintPlan(s_name, t_name, None, 0, 0)
+    if len(s) == 4 and len(t) == 4 and s[:1] + s[2:] == t[:1] + t[2:]:
+        return HintPlan(s_name, t_name, "conv", s[1], t[1])
+    if len(s) == len(t) and s[:-1] == t[:-1]:
+        return HintPlan(s_name, t_name, "linear", s[-1], t[-1])
+    raise ConfigError(
+        f"{config._where('hints')}[{i}]: the student layer {s_name!r} gives {tuple(s)} and "
+        f"the teacher layer {t_name!r} {tuple(t)}; only the channel (4-D maps) or last "
+        "dimension may differ"
+    )
+
+
+# -- forward helpers -----------------------------------------------------------------------
+@contextlib.contextmanager
+def capturing(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """While open, the named modules' (first) outputs of the latest forward, by name."""
+    found: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            found[name] = first_tensor(output)
+
+        return hook
+
+    handles = [
+        model.get_submodule(name).register_forward_hook(hook_for(name)) for name in set(names)
+    ]
+    try:
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def outputs(output: Any, inputs: Batch, loss: DistillLoss) -> torch.Tensor:
+    """What the loss compares: the first output tensor; for ``embedding`` a (B, T, H) hidden
+    state of a dict batch with an ``attention_mask`` is mask-mean-pooled and L2-normalised
+    to (B, H), as the text tasks embed."""
+    out = first_tensor(output)
+    if loss is DistillLoss.EMBEDDING and out.dim() == 3 and isinstance(inputs, dict):
+        mask = inputs.get("attention_mask")
+        if mask is not None and mask.shape == out.shape[:2]:
+            weights = mask.to(out.dtype).unsqueeze(-1)  # (B, T, 1)
+            pooled = (out * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)  # (B, H)
+            return F.normalize(pooled, dim=-1)
+    return out
+
+
+def objective(
+    s_out: torch.Tensor, t_out: torch.Tensor, labels: torch.Tensor | None, config: DistillConfig
+) -> torch.Tensor:
+    """The distillation loss of one batch, hints aside."""
+    if config.loss is DistillLoss.LOGITS:
+        return kd_loss(s_out, t_out, labels, config.temperature, config.alpha)
+    return embedding_loss(s_out, t_out, config.embedding_kind.value)
+
+
+# -- the loop ----------------------------------------------------------------------------
+def split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, validation) batch indices: ``round(fraction * n)`` (at least 1) batches chosen
+    by ``seed`` are held out when ``fraction > 0`` and at least two batches exist."""
+    if fraction <= 0 or n < 2:
+        return list(range(n)), []
+    n_val = min(n - 1, max(1, round(fraction * n)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch ``epoch`` (0-based): shuffle order and random state (dropout)."""
+    return (seed * 1_000_003 + epoch + 1) % (2**63)
+
+
+@dataclasses.dataclass
+class _State:
+    epoch: int = 0  # epochs done
+    best: float = math.inf
+    bad: int = 0  # epochs since the best
+    stopped: bool = False
+    best_state: dict[str, torch.Tensor] | None = None
+    history: History = dataclasses.field(default_factory=History)
+
+
+def distill(
+    model: nn.Module,
+    teacher: nn.Module,
+    items: Sequence[Item],
+    config: DistillConfig,
+    hints: Sequence[HintPlan] = (),
+    report: Callable[[str], None] | None = None,
+) -> History:
+    """Train ``model`` towards ``teacher`` over ``items`` (see the module doc) and return
+    the history. The teacher is only run (under no_grad); ``hints`` come from
+    :func:`check_shapes`. ModelError when the loss becomes NaN or Inf."""
+    if not items:
+        raise DataError("distill: no training batches")
+    data = [(writable(x), None if y is None else y.clone()) for x, y in items]
+    train_idx, val_idx = split(len(data), config.val_fraction, config.seed)
+    say = report or (lambda _message: None)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(torch.random.fork_rng(devices=[]))
+        params = stack.enter_context(training(model))
+        torch.manual_seed(config.seed)
+        projections = nn.ModuleList([plan.build() for plan in hints])
+        opt = Adam([*params, *projections.parameters()], lr=config.lr)
+        s_feats = stack.enter_context(capturing(model, [h.student for h in hints]))
+        t_feats = stack.enter_context(capturing(teacher, [h.teacher for h in hints]))
+        fingerprint = _fingerprint(model, projections, config, train_idx, val_idx)
+        state = _State()
+        if config.checkpoint is not None:
+            state = _resume(Path(config.checkpoint), model, projections, opt, fingerprint, say)
+
+        def batch_loss(i: int, with_hints: bool) -> torch.Tensor:
+            inputs, labels = data[i]
+            with torch.no_grad():
+                t_out = outputs(call(teacher, inputs), inputs, config.loss)
+            s_out = outputs(call(model, inputs), inputs, config.loss)
+            loss = objective(s_out, t_out, labels, config)
+            if with_hints and hints and config.hint_weight > 0:
+                terms = [
+                    hint_loss(s_feats[h.student], t_feats[h.teacher], proj)
+                    for h, proj in zip(hints, projections, strict=True)
+                ]
+                loss = loss + config.hint_weight * torch.stack(terms).mean()
+            return loss
+
+        updates = config.epochs * len(train_idx)
+        trained = [*params, *projections.parameters()]
+        for epoch in range(state.epoch, config.epochs):
+            if state.stopped:
+                break
+            torch.manual_seed(epoch_seed(config.seed, epoch))
+            order = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
+            model.train()
+            total = 0.0
+            for k in torch.randperm(len(train_idx), generator=order).tolist():
+                opt.lr = lr_at(config.lr, opt.steps, updates, config.lr_schedule)
+                loss = batch_loss(train_idx[k], with_hints=True)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise ModelError(f"distill: the loss became {value} in epoch {epoch + 1}")
+                opt.step(torch.autograd.grad(loss, trained, allow_unused=True))
+                total += value
+            mean = total / len(train_idx)
+            state.history.losses.append(mean)
+            message = f"distill epoch {epoch + 1}/{config.epochs}: loss {mean:.4f}"
+            if val_idx:
+                model.eval()
+                with torch.no_grad():
+                    val = sum(float(batch_loss(i, with_hints=False)) for i in val_idx)
+                val /= len(val_idx)
+                state.history.val.append(val)
+                message += f", val {val:.4f}"
+                if val < state.best:
+                    state.best, state.bad = val, 0
+                    state.best_state = _snapshot(model)
+                    state.history.best_epoch = epoch + 1
+                else:
+                    state.bad += 1
+                    state.stopped = state.bad >= config.patience
+                    state.history.stopped_early = state.stopped and epoch + 1 < config.epochs
+                    if state.history.stopped_early:
+                        message += f"; stopping, no improvement in {state.bad} epochs"
+            state.epoch = epoch + 1
+            say(message)
+            if config.checkpoint is not None:
+                _save(Path(config.checkpoint), model, projections, opt, state, fingerprint)
+        if state.best_state is not None:
+            model.load_state_dict(state.best_state)
+    model.eval()
+    return state.history
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# -- checkpoint ----------------------------------------------------------------------------
+def _fingerprint(
+    model: nn.Module,
+    projections: nn.Module,
+    config: DistillConfig,
+    train_idx: list[int],
+    val_idx: list[int],
+) -> str:
+    """What a checkpoint must share with this run to be resumed: the options (``epochs`` and
+    ``checkpoint`` aside), the tensors' names, shapes and dtypes, and the batch split."""
+    options = {k: v for k, v in config.to_dict().items() if k not in ("epochs", "checkpoint")}
+    tensors = {
+        f"{prefix}{k}": [list(v.shape), str(v.dtype)]
+        for prefix, module in (("student.", model), ("proj.", projections))
+        for k, v in module.state_dict().items()
+    }
+    blob = json.dumps([options, tensors, train_idx, val_idx], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _save(
+    path: Path,
+    model: nn.Module,
+    projections: nn.Module,
+    opt: Adam,
+    state: _State,
+    fingerprint: str,
+) -> None:
+    """Write the checkpoint atomically: one safetensors file, counters in its metadata."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, module in (("student.", model), ("proj.", projections)):
+        for k, v in module.state_dict().items():
+            tensors[prefix + k] = v.detach().clone().contiguous()
+    for j, (m, v) in enumerate(zip(opt.m, opt.v, strict=True)):
+        tensors[f"adam.m.{j}"] = m.detach().clone().contiguous()
+        tensors[f"adam.v.{j}"] = v.detach().clone().contiguous()
+    for k, v in (state.best_state or {}).items():
+        tensors["best." + k] = v.contiguous()
+    h = state.history
+    counters = {
+        "epoch": state.epoch,
+        "steps": opt.steps,
+        "best": state.best if math.isfinite(state.best) else None,
+        "bad": state.bad,
+        "stopped": state.stopped,
+        "has_best": state.best_state is not None,
+        "losses": h.losses,
+        "val": h.val,
+        "best_epoch": h.best_epoch,
+        "stopped_early": h.stopped_early,
+    }
+    metadata = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": str(CHECKPOINT_VERSION),
+        "fingerprint": fingerprint,
+        "state": json.dumps(counters),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Metadata and tensors of a checkpoint; ConfigError when the file is not one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            if metadata.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError("no distill checkpoint metadata")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:  # any unreadable file is reported the same way
+        raise ConfigError(
+            f"distill.kd.checkpoint: {str(path)!r} exists but is not a distill checkpoint "
+            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); remove it or "
+            "choose another path"
+        ) from None
+    return metadata, tensors
+
+
+def _resume(
+    path: Path,
+    model: nn.Module,
+    projections: nn.Module,
+    opt: Adam,
+    fingerprint: str,
+    say: Callable[[str], None],
+) -> _State:
+    """The state saved in ``path`` loaded into the model, projections and optimizer; a fresh
+    state when there is no checkpoint or it belongs to another run (with a warning)."""
+    if not path.exists():
+        return _State()
+    metadata, tensors = _read(path)
+    if metadata.get("fingerprint") != fingerprint:
+        message = (
+            f"distill: checkpoint {str(path)!r} is from another run (options, model or data "
+            "differ); starting afresh and overwriting it"
+        )
+        warnings.warn(message, stacklevel=2)
+        say(message)
+        return _State()
+    counters = json.loads(metadata["state"])
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    model.load_state_dict(part("student."))
+    projections.load_state_dict(part("proj."))
+    with torch.no_grad():
+        for j, (m, v) in enumerate(zip(opt.m, opt.v, strict=True)):
+            m.copy_(tensors[f"adam.m.{j}"])
+            v.copy_(tensors[f"adam.v.{j}"])
+    opt.steps = int(counters["steps"])
+    best = counters["best"]
+    history = History(
+        losses=list(counters["losses"]),
+        val=list(counters["val"]),
+        best_epoch=int(counters["best_epoch"]),
+        stopped_early=bool(counters["stopped_early"]),
+        resumed_from=int(counters["epoch"]),
+    )
+    state = _State(
+        epoch=int(counters["epoch"]),
+        best=math.inf if best is None else float(best),
+        bad=int(counters["bad"]),
+        stopped=bool(counters["stopped"]),
+        best_state=part("best.") if counters["has_best"] else None,
+        history=history,
+    )
+    say(f"distill: resuming from {str(path)!r} after epoch {state.epoch}")
+    return state
+
+
+# -- the stage ---------------------------------------------------------------------------
+@register(DistillConfig)
+def apply_distill(model: nn.Module, config: DistillConfig, ctx: Context) -> nn.Module:
+    check_hint_layers(model, config, "student")
+    teacher = resolve_teacher(config, ctx)
+    if teacher is model:
+        raise ModelError("distill: the teacher is the student itself")
+    check_hint_layers(teacher, config, "teacher")
+    items = training_items(model, teacher, config, ctx)
+    plans = check_shapes(model, teacher, items[0], config)
+    history = distill(model, teacher, items, config, plans, report=ctx.report)
+    summary = f"distill: {history.epochs_run} epochs on {len(items)} batches"
+    summary += f", loss {history.losses[-1]:.4f}" if history.losses else ""
+    if history.best_epoch:
+        summary += f", best val {min(history.val):.4f} (epoch {history.best_epoch}) kept"
+    ctx.report(summary)
+    return model.eval()
