@@ -202,20 +202,23 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     plan: list[tuple[str, dict[str, Any] | None, str]] = [
         ("fp32", None, "saved + loaded"),
         (FIT_ONLY, without_finetune(shipped), "least-squares fit, no recovery; saved + loaded"),
-        (RECIPE, shipped, "shipped recipe (fit + finetune); saved + loaded"),
+        (RECIPE, shipped, "shipped recipe (fit + recovery); saved + loaded"),
     ]
     with tempfile.TemporaryDirectory(prefix="separable-") as tmp:
         rows = [measure(task, name, recipe, note, Path(tmp)) for name, recipe, note in plan]
     add_comparisons(rows, _row(rows, "fp32"))
-    finetune = [s["finetune"] for s in shipped["stages"] if "finetune" in s]
     recovery = ", ".join(
-        f"{f.get('epochs')} epochs at lr {f.get('lr')} ({f.get('lr_schedule')})" for f in finetune
+        f"{kind} {f.get('method')}: {f.get('epochs')} epochs at lr {f.get('lr')} "
+        f"({f.get('lr_schedule')})"
+        for s in shipped["stages"]
+        for kind, f in s.items()
+        if kind in ("finetune", "distill")
     )
     description = (
         f"torch {torch.__version__}, {THREADS} threads. {FIT_ONLY}: the {RECIPE} recipe's "
         "separable stage alone (every standard Conv2d with a kernel >= 3x3 replaced by a "
         "depthwise + pointwise pair, depth multiplier 1, fitted by a truncated SVD per input "
-        f"channel). {RECIPE}: the shipped recipe, recovery by supervised fine-tuning "
+        f"channel). {RECIPE}: the shipped recipe, then its recovery stage "
         f"({recovery}). Conv params: every Conv2d's parameters; params: slimkit's count; "
         "MACs per example (slimkit's counter); mean fit error: mean relative Frobenius error "
         "of the fitted layers' kernels before training. Drop: fp32 accuracy minus the row's "

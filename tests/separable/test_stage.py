@@ -153,10 +153,10 @@ def test_bad_options_name_the_field(options, field):
 
 def test_the_shipped_recipe_parses():
     recipe = Recipe.from_file(resolve("separable"))
-    separable_stage, finetune = recipe.stages
+    separable_stage, recovery = recipe.stages
     assert isinstance(separable_stage, SeparableConfig)
     assert separable_stage.depth_multiplier == 1
-    assert finetune.kind == "finetune"
+    assert (recovery.kind, recovery.teacher) == ("distill", "original")
 
 
 def test_conv_params_of_digits_resnet_fall_at_least_3x():
