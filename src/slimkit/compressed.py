@@ -152,6 +152,10 @@ def count_params(model: nn.Module) -> int:
     return total
 
 
+def _pair(v: list[int] | tuple[int, int]) -> tuple[int, int]:
+    return (int(v[0]), int(v[1]))
+
+
 class ConvGeometry(nn.Module):
     """The shape arguments of a 2-D convolution, shared by the compressed convolutions."""
 
@@ -167,21 +171,26 @@ class ConvGeometry(nn.Module):
     ) -> tuple[int, int, int, int]:
         """Store the arguments; return the weight shape (out, in / groups, kh, kw)."""
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = tuple(kernel_size)
-        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
+        self.kernel_size: tuple[int, int] = _pair(kernel_size)
+        self.stride, self.padding = _pair(stride), _pair(padding)
+        self.dilation: tuple[int, int] = _pair(dilation)
         kh, kw = self.kernel_size
         return (out_channels, in_channels // groups, kh, kw)
 
-    def geometry_spec(self) -> dict[str, Any]:
-        return {
+    def geometry_spec(self, with_groups: bool = True) -> dict[str, Any]:
+        """The stored shape arguments, JSON-able; without ``groups`` for layers that only
+        stand for standard (groups 1) convolutions."""
+        out: dict[str, Any] = {
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
             "kernel_size": list(self.kernel_size),
             "stride": list(self.stride),
             "padding": list(self.padding),
             "dilation": list(self.dilation),
-            "groups": self.groups,
         }
+        if with_groups:
+            out["groups"] = self.groups
+        return out
 
     def conv(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)

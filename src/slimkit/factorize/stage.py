@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from slimkit.compressed import CompressedModule, compressed_module
+from slimkit.compressed import CompressedModule, ConvGeometry, compressed_module, conv_args
 from slimkit.config import StageConfig
 from slimkit.errors import ConfigError
 from slimkit.factorize import lowrank
@@ -109,17 +109,13 @@ class LowRankLinear(CompressedModule):
 
 
 def _geometry(m: nn.Conv2d) -> dict[str, Any]:
-    return {
-        "in_channels": m.in_channels,
-        "out_channels": m.out_channels,
-        "kernel_size": list(m.kernel_size),
-        "stride": list(m.stride),
-        "padding": list(m.padding),  # type: ignore[arg-type]
-        "dilation": list(m.dilation),
-    }
+    """``m``'s shape arguments without ``groups`` (only groups-1 convolutions factorize)."""
+    args = conv_args(m)
+    del args["groups"]
+    return args
 
 
-class _FactorizedConv(CompressedModule):
+class _FactorizedConv(CompressedModule, ConvGeometry):
     """Shape arguments of the original conv (groups 1, zero padding), kept for the spec; the
     children are standard convolutions that training stages update in place."""
 
@@ -134,21 +130,12 @@ class _FactorizedConv(CompressedModule):
         padding: list[int],
         dilation: list[int],
     ) -> None:
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size: tuple[int, int] = (kernel_size[0], kernel_size[1])
-        self.stride: tuple[int, int] = (stride[0], stride[1])
-        self.padding: tuple[int, int] = (padding[0], padding[1])
-        self.dilation: tuple[int, int] = (dilation[0], dilation[1])
+        self._init_geometry(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups=1
+        )
 
     def _conv_spec(self) -> dict[str, Any]:
-        return {
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "kernel_size": list(self.kernel_size),
-            "stride": list(self.stride),
-            "padding": list(self.padding),
-            "dilation": list(self.dilation),
-        }
+        return self.geometry_spec(with_groups=False)
 
     def dense_params(self) -> int:
         kh, kw = self.kernel_size

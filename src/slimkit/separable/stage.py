@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from slimkit.compressed import CompressedModule, compressed_module, conv_args
+from slimkit.compressed import CompressedModule, ConvGeometry, compressed_module, conv_args
 from slimkit.config import StageConfig
 from slimkit.pipeline import Context
 from slimkit.registry import register
@@ -33,7 +33,7 @@ from slimkit.separable.fit import compose, separable_fit, separable_params
 
 
 @compressed_module
-class SeparableConv2d(CompressedModule):
+class SeparableConv2d(CompressedModule, ConvGeometry):
     """A depthwise convolution (``in_channels * depth_multiplier`` filters, groups =
     ``in_channels``, no bias) then a pointwise 1x1 convolution to ``out_channels`` (with the
     original bias), standing for a standard ``Conv2d`` of the same geometry."""
@@ -57,11 +57,9 @@ class SeparableConv2d(CompressedModule):
         super().__init__()
         if depth_multiplier < 1:
             raise ValueError(f"depth_multiplier must be >= 1, got {depth_multiplier}")
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = (int(kernel_size[0]), int(kernel_size[1]))
-        self.stride = (int(stride[0]), int(stride[1]))
-        self.padding = (int(padding[0]), int(padding[1]))
-        self.dilation = (int(dilation[0]), int(dilation[1]))
+        self._init_geometry(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups=1
+        )
         self.depth_multiplier = depth_multiplier
         self.fit_error = fit_error
         mid = in_channels * depth_multiplier
@@ -109,12 +107,7 @@ class SeparableConv2d(CompressedModule):
 
     def spec(self) -> dict[str, Any]:
         return {
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "kernel_size": list(self.kernel_size),
-            "stride": list(self.stride),
-            "padding": list(self.padding),
-            "dilation": list(self.dilation),
+            **self.geometry_spec(with_groups=False),
             "depth_multiplier": self.depth_multiplier,
             "bias": self.pointwise.bias is not None,
             "fit_error": self.fit_error,
