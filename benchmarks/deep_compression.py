@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import drop_points, error_line, fmt, format_targets, target
+
 from slimkit.io.atomic import write_text
 
 HERE = Path(__file__).resolve().parent
@@ -33,10 +35,6 @@ THREADS = 2
 
 
 # -- tables and targets (pure) ----------------------------------------------------------------
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| task | variant | after stage | model.safetensors bytes | x smaller than fp32 "
@@ -49,12 +47,12 @@ def table(rows: list[dict[str, Any]]) -> str:
             r["task"],
             r["variant"],
             r["stage"],
-            _fmt(r.get("model_bytes"), ","),
-            _fmt(r.get("ratio"), ".1f") + ("x" if r.get("ratio") is not None else ""),
-            _fmt(r.get("json_bytes"), ","),
+            fmt(r.get("model_bytes"), ","),
+            fmt(r.get("ratio"), ".1f") + ("x" if r.get("ratio") is not None else ""),
+            fmt(r.get("json_bytes"), ","),
             "-" if acc is None else f"{100 * acc:.2f}%",
-            _fmt(r.get("drop"), "+.2f"),
-            _fmt(r.get("seconds"), ".1f"),
+            fmt(r.get("drop"), "+.2f"),
+            fmt(r.get("seconds"), ".1f"),
             r.get("error", ""),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -73,26 +71,20 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         r = _final(rows, task, RECIPE)
         ratio, drop = r.get("ratio"), r.get("drop")
         out.append(
-            {
-                "target": f"{task} {RECIPE}: model.safetensors >= {RATIO:g}x smaller than fp32's",
-                "figure": f"{_fmt(ratio, '.1f')}x",
-                "met": None if ratio is None else ratio >= RATIO,
-            }
+            target(
+                f"{task} {RECIPE}: model.safetensors >= {RATIO:g}x smaller than fp32's",
+                f"{fmt(ratio, '.1f')}x",
+                None if ratio is None else ratio >= RATIO,
+            )
         )
         out.append(
-            {
-                "target": f"{task} {RECIPE}: accuracy drop <= {DROP:g} points",
-                "figure": f"{_fmt(drop, '+.2f')} points",
-                "met": None if drop is None else drop <= DROP,
-            }
+            target(
+                f"{task} {RECIPE}: accuracy drop <= {DROP:g} points",
+                f"{fmt(drop, '+.2f')} points",
+                None if drop is None else drop <= DROP,
+            )
         )
     return out
-
-
-def format_targets(checks: list[dict[str, Any]]) -> str:
-    status = {True: "met", False: "NOT met", None: "not measured"}
-    lines = [f"- {c['target']}: {status[c['met']]} ({c['figure']})" for c in checks]
-    return "Targets:\n" + "\n".join(lines) + "\n"
 
 
 def add_comparisons(rows: list[dict[str, Any]]) -> None:
@@ -102,8 +94,9 @@ def add_comparisons(rows: list[dict[str, Any]]) -> None:
         b = base.get(r["task"], {})
         if r.get("model_bytes") and b.get("model_bytes"):
             r["ratio"] = b["model_bytes"] / r["model_bytes"]
-        if r.get("accuracy") is not None and b.get("accuracy") is not None:
-            r["drop"] = 100.0 * (b["accuracy"] - r["accuracy"])
+        drop = drop_points(b, r)
+        if drop is not None:
+            r["drop"] = drop
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -158,7 +151,7 @@ def run_task(task_name: str, variants: list[str], work: Path) -> list[dict[str, 
                 row["seconds"] = time.perf_counter() - start
                 row.update(_measure(task, model, work / f"{variant}-{i}"))
             except Exception as e:  # a failing stage is reported; the variant stops there
-                row["error"] = f"{type(e).__name__}: {e}".splitlines()[0]
+                row["error"] = error_line(e)
                 rows.append(row)
                 break
             rows.append(row)

@@ -32,11 +32,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _common import (
+    drop_points,
+    error_line,
+    fmt,
+    format_targets,
+    merge_sections,
+    percent,
+    ratio,
+    render_sections,
+    round_trip,
+    row_named,
+    shipped_recipe,
+    target,
+)
+
 from slimkit.io.atomic import write_text
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SECTIONS = ("minilm", "heads", "resnet", "lenet")
+TITLE = "Pruning benchmarks"
 TASK = "minilm-topics"
 RESNET = "digits-resnet"
 STRUCTURED, UNSTRUCTURED, HEADS = "structured-50", "unstructured-90", "heads-ffn"
@@ -59,18 +75,6 @@ ROWS: dict[str, dict[str, Any]] = {
 
 
 # -- tables and targets (pure) ------------------------------------------------------------
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _percent(value: float | None) -> str:
-    return _fmt(None if value is None else 100 * value, ".2f")
-
-
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| row | cos mean | cos min | 1-NN | size bytes | prune s | note |",
@@ -78,9 +82,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['row']} | {_fmt(r.get('cosine_mean'), '.5f')} | "
-            f"{_fmt(r.get('cosine_min'), '.5f')} | {_fmt(r.get('knn_accuracy'), '.4f')} | "
-            f"{_fmt(r.get('size_bytes'), ',')} | {_fmt(r.get('seconds'), '.1f')} | "
+            f"| {r['row']} | {fmt(r.get('cosine_mean'), '.5f')} | "
+            f"{fmt(r.get('cosine_min'), '.5f')} | {fmt(r.get('knn_accuracy'), '.4f')} | "
+            f"{fmt(r.get('size_bytes'), ',')} | {fmt(r.get('seconds'), '.1f')} | "
             f"{r.get('error', '')} |"
         )
     return "\n".join(lines) + "\n"
@@ -95,12 +99,12 @@ def resnet_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         cells = [
             r["row"],
-            _fmt(r.get("params"), ","),
-            _fmt(r.get("macs"), ","),
-            _fmt(r.get("latency_ms"), ".2f"),
-            _ratio(r.get("speedup")),
-            _percent(r.get("accuracy")),
-            _fmt(r.get("drop"), "+.2f"),
+            fmt(r.get("params"), ","),
+            fmt(r.get("macs"), ","),
+            fmt(r.get("latency_ms"), ".2f"),
+            ratio(r.get("speedup")),
+            percent(r.get("accuracy")),
+            fmt(r.get("drop"), "+.2f"),
             r.get("error") or r.get("note", ""),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -116,15 +120,15 @@ def heads_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         cells = [
             r["row"],
-            _fmt(r.get("params"), ","),
-            _fmt(r.get("macs"), ","),
-            _fmt(r.get("size_bytes"), ","),
-            _fmt(r.get("latency_ms"), ".1f"),
-            _ratio(r.get("speedup")),
-            _fmt(r.get("cosine_mean"), ".5f"),
-            _fmt(r.get("cosine_min"), ".5f"),
-            _fmt(r.get("knn_accuracy"), ".4f"),
-            _fmt(r.get("seconds"), ".1f"),
+            fmt(r.get("params"), ","),
+            fmt(r.get("macs"), ","),
+            fmt(r.get("size_bytes"), ","),
+            fmt(r.get("latency_ms"), ".1f"),
+            ratio(r.get("speedup")),
+            fmt(r.get("cosine_mean"), ".5f"),
+            fmt(r.get("cosine_min"), ".5f"),
+            fmt(r.get("knn_accuracy"), ".4f"),
+            fmt(r.get("seconds"), ".1f"),
             r.get("error") or r.get("note", ""),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -137,14 +141,14 @@ def heads_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     base, r = _row(rows, "fp32"), _row(rows, HEADS)
     fewer = _fewer(base, r, "params")
     return [
-        _target(
+        target(
             f"minilm-topics {HEADS}: 2 of 12 heads and 30% of FFN neurons removed physically",
-            f"{_fmt(fewer, '.3f')}x fewer parameters ({_fmt(r.get('params'), ',')})",
+            f"{fmt(fewer, '.3f')}x fewer parameters ({fmt(r.get('params'), ',')})",
             None if fewer is None else fewer > 1.0,
         ),
-        _target(
+        target(
             f"minilm-topics {HEADS}: speedup and cosine measured",
-            f"{_ratio(r.get('speedup'))}, cos mean {_fmt(r.get('cosine_mean'), '.5f')}",
+            f"{ratio(r.get('speedup'))}, cos mean {fmt(r.get('cosine_mean'), '.5f')}",
             None if r.get("speedup") is None or r.get("cosine_mean") is None else True,
         ),
     ]
@@ -159,18 +163,14 @@ def lenet_table(rows: list[dict[str, Any]]) -> str:
         cells = [
             r["task"],
             r["row"],
-            _percent(r.get("accuracy")),
-            _fmt(r.get("drop"), "+.2f"),
-            _fmt(r.get("model_bytes"), ","),
-            _fmt(r.get("size_ratio"), ".3f") + ("x" if r.get("size_ratio") is not None else ""),
+            percent(r.get("accuracy")),
+            fmt(r.get("drop"), "+.2f"),
+            fmt(r.get("model_bytes"), ","),
+            fmt(r.get("size_ratio"), ".3f") + ("x" if r.get("size_ratio") is not None else ""),
             r.get("error") or r.get("note", ""),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _target(text: str, figure: str, met: bool | None) -> dict[str, Any]:
-    return {"target": text, "figure": figure, "met": met}
 
 
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -180,17 +180,14 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for setting in ("50", "2:4"):
         s, m = cos.get(f"sparsegpt-{setting}"), cos.get(f"magnitude-{setting}")
         met = None if s is None or m is None else s > m
-        figure = f"sparsegpt {_fmt(s, '.5f')} vs magnitude {_fmt(m, '.5f')}"
-        out.append(_target(f"SparseGPT beats magnitude at {setting}", figure, met))
+        figure = f"sparsegpt {fmt(s, '.5f')} vs magnitude {fmt(m, '.5f')}"
+        out.append(target(f"SparseGPT beats magnitude at {setting}", figure, met))
     return out
 
 
 def _row(rows: list[dict[str, Any]], name: str, task: str | None = None) -> dict[str, Any]:
     """The row called ``name`` (of ``task`` when given) without error; {} when there is none."""
-    for r in rows:
-        if r["row"] == name and r.get("task", task) == task and not r.get("error"):
-            return r
-    return {}
+    return row_named([r for r in rows if r.get("task", task) == task], name)
 
 
 def _fewer(base: dict[str, Any], r: dict[str, Any], key: str) -> float | None:
@@ -214,9 +211,9 @@ def resnet_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for key, label in (("params", "parameters"), ("macs", "MACs")):
         fewer = _fewer(base, ours, key)
-        figure = f"{_ratio(fewer)} ({_fmt(ours.get(key), ',')} vs {_fmt(base.get(key), ',')})"
+        figure = f"{ratio(fewer)} ({fmt(ours.get(key), ',')} vs {fmt(base.get(key), ',')})"
         out.append(
-            _target(
+            target(
                 f"{STRUCTURED} {label} >= {FEWER:g}x fewer than fp32",
                 figure,
                 _at_least(fewer, FEWER),
@@ -224,27 +221,27 @@ def resnet_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         )
     speedup = ours.get("speedup")
     out.append(
-        _target(
+        target(
             f"{STRUCTURED} latency >= {SPEEDUP:g}x faster than fp32 (batch {LATENCY_BATCH}, "
             f"{THREADS} threads)",
-            f"{_ratio(speedup)} ({_fmt(ours.get('latency_ms'), '.2f')} vs "
-            f"{_fmt(base.get('latency_ms'), '.2f')} ms)",
+            f"{ratio(speedup)} ({fmt(ours.get('latency_ms'), '.2f')} vs "
+            f"{fmt(base.get('latency_ms'), '.2f')} ms)",
             _at_least(speedup, SPEEDUP),
         )
     )
     drop = ours.get("drop")
     out.append(
-        _target(
+        target(
             f"{STRUCTURED} accuracy drop <= {RESNET_DROP:g} point",
-            f"{_fmt(drop, '+.2f')} points",
+            f"{fmt(drop, '+.2f')} points",
             _at_most(drop, RESNET_DROP),
         )
     )
     a, b = ours.get("accuracy"), peer.get("accuracy")
     out.append(
-        _target(
+        target(
             f"{STRUCTURED} accuracy no worse than Torch-Pruning at the same ratio and budget",
-            f"slimkit {_percent(a)} vs torch-pruning {_percent(b)}",
+            f"slimkit {percent(a)} vs torch-pruning {percent(b)}",
             None if a is None or b is None else a >= b,
         )
     )
@@ -254,31 +251,19 @@ def resnet_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def lenet_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """digits-lenet unstructured-90: accuracy drop and model.safetensors size against fp32."""
     r = _row(rows, UNSTRUCTURED, "digits-lenet")
-    drop, ratio = r.get("drop"), r.get("size_ratio")
+    drop, size_ratio = r.get("drop"), r.get("size_ratio")
     return [
-        _target(
+        target(
             f"digits-lenet {UNSTRUCTURED} accuracy drop <= {LENET_DROP:g} points",
-            f"{_fmt(drop, '+.2f')} points",
+            f"{fmt(drop, '+.2f')} points",
             _at_most(drop, LENET_DROP),
         ),
-        _target(
+        target(
             f"digits-lenet {UNSTRUCTURED} model.safetensors <= {LENET_SIZE:g}x fp32's",
-            f"{_fmt(ratio, '.3f')}x ({_fmt(r.get('model_bytes'), ',')} bytes)",
-            _at_most(ratio, LENET_SIZE),
+            f"{fmt(size_ratio, '.3f')}x ({fmt(r.get('model_bytes'), ',')} bytes)",
+            _at_most(size_ratio, LENET_SIZE),
         ),
     ]
-
-
-def format_targets(checks: list[dict[str, Any]]) -> str:
-    status = {True: "met", False: "NOT met", None: "not measured"}
-    lines = [f"- {c['target']}: {status[c['met']]} ({c['figure']})" for c in checks]
-    return "Targets:\n" + "\n".join(lines) + "\n"
-
-
-def drop_points(base: dict[str, Any], r: dict[str, Any]) -> float | None:
-    if base.get("accuracy") is None or r.get("accuracy") is None:
-        return None
-    return 100.0 * (base["accuracy"] - r["accuracy"])
 
 
 def add_comparisons(rows: list[dict[str, Any]], base: dict[str, Any]) -> None:
@@ -311,21 +296,12 @@ def merge(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
             "rows": saved["rows"],
             "targets": saved.get("targets", []),
         }
-    sections.update(new)
-    return {"sections": {s: sections[s] for s in SECTIONS if s in sections}}
+    return merge_sections({"sections": sections}, new, SECTIONS)
 
 
 def render(results: dict[str, Any]) -> str:
     """The markdown of every section in ``results``: title, description, table, targets."""
-    parts = ["# Pruning benchmarks\n"]
-    for name, section in results["sections"].items():
-        parts.append(
-            f"## {section.get('title', name)}\n\n{section.get('description', '')}\n\n"
-            + TABLES[name](section["rows"])
-            + "\n"
-            + format_targets(section["targets"])
-        )
-    return "\n".join(parts)
+    return render_sections(TITLE, results, TABLES)
 
 
 # -- minilm section ---------------------------------------------------------------------------
@@ -357,7 +333,7 @@ def measure(task: Any, name: str, options: dict[str, Any] | None, work: Path) ->
         shutil.rmtree(path)
         out.update(task.evaluate(loaded))
     except Exception as e:  # a failing row is reported, never the end of the run
-        out["error"] = _error(e)
+        out["error"] = error_line(e)
     print("   " + table([out]).splitlines()[2], flush=True)
     return out
 
@@ -410,7 +386,7 @@ def heads_section(work: Path, only: list[str] | None) -> dict[str, Any]:
             row["macs"] = count_macs(loaded, task.example_inputs())
             built.append((row, loaded))
         except Exception as e:  # a failing row is reported, never the end of the run
-            row["error"] = _error(e)
+            row["error"] = error_line(e)
             built.append((row, None))
     timed = [(row, m) for row, m in built if m is not None]
     inputs = task.latency_inputs()
@@ -440,19 +416,6 @@ def heads_section(work: Path, only: list[str] | None) -> dict[str, Any]:
 
 
 # -- resnet section ----------------------------------------------------------------------------
-def _error(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-
-def _saved_and_loaded(model: Any, path: Path) -> Any:
-    import slimkit
-
-    saved = slimkit.save(model, path, overwrite=True)
-    loaded = slimkit.load(saved)
-    shutil.rmtree(saved)
-    return loaded
-
-
 def finetune_only(recipe: dict[str, Any]) -> dict[str, Any]:
     """The recipe (as a dict) with its finetune stages only, under a name of its own."""
     stages = [s for s in recipe["stages"] if "finetune" in s]
@@ -466,7 +429,7 @@ def _slimkit_structured(task: Any, work: Path) -> Any:
 
     model = task.model()
     slimkit.compress(model, STRUCTURED, task=task)
-    return _saved_and_loaded(model, work / STRUCTURED)
+    return round_trip(model, work / STRUCTURED)
 
 
 def _torch_pruning(task: Any, work: Path) -> Any:
@@ -475,9 +438,8 @@ def _torch_pruning(task: Any, work: Path) -> Any:
     import torch_pruning as tp
 
     import slimkit
-    from slimkit.recipe import Recipe, resolve
 
-    shipped = Recipe.from_file(resolve(STRUCTURED)).to_dict()
+    shipped = shipped_recipe(STRUCTURED)
     (prune,) = (s["prune"] for s in shipped["stages"] if "prune" in s)
     model = task.model()
     pruner = tp.pruner.MetaPruner(
@@ -502,7 +464,7 @@ def _peer_version() -> str:
 
 #: resnet row -> (builder of its model, note)
 RESNET_ROWS: dict[str, tuple[Callable[[Any, Path], Any], str]] = {
-    "fp32": (lambda task, work: _saved_and_loaded(task.model(), work / "fp32"), "saved + loaded"),
+    "fp32": (lambda task, work: round_trip(task.model(), work / "fp32"), "saved + loaded"),
     STRUCTURED: (_slimkit_structured, "slimkit recipe; saved + loaded"),
     PEER: (_torch_pruning, "torch-pruning L1, ratio 0.5, fc ignored + same finetune; as is"),
 }
@@ -520,7 +482,7 @@ def _build(task: Any, name: str, work: Path) -> tuple[dict[str, Any], Any]:
     try:
         model = build(task, work)
     except Exception as e:  # a failing row is reported, never the end of the run
-        out["error"] = _error(e)
+        out["error"] = error_line(e)
         return out, None
     out["seconds"] = time.perf_counter() - start
     return out, model
@@ -545,7 +507,7 @@ def resnet_section(work: Path, only: list[str] | None) -> dict[str, Any]:
             row["params"] = count_params(model)
             row["macs"] = count_macs(model, task.example_inputs())
         except Exception as e:  # a failing row is reported, never the end of the run
-            row["error"] = _error(e)
+            row["error"] = error_line(e)
             continue
         timed.append((row, model))
     inputs = task.latency_inputs(LATENCY_BATCH)
@@ -599,7 +561,7 @@ def _measure_bytes(task: Any, name: str, recipe: str | None, work: Path) -> dict
         shutil.rmtree(path)
         out.update(task.evaluate(loaded))
     except Exception as e:  # a failing row is reported, never the end of the run
-        out["error"] = _error(e)
+        out["error"] = error_line(e)
     return out
 
 

@@ -25,6 +25,15 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from _common import (  # noqa: E402
+    drop_points,
+    error_line,
+    fmt,
+    format_targets,
+    percent,
+    shipped_recipe,
+    target,
+)
 from quant_minilm import dir_bytes, with_options  # noqa: E402
 
 from slimkit.io.atomic import write_text  # noqa: E402
@@ -68,16 +77,6 @@ ROWS = _rows()
 
 
 # -- rows, table, targets (pure) ----------------------------------------------------------
-def drop_points(base: dict[str, Any], r: dict[str, Any]) -> float | None:
-    if base.get("accuracy") is None or r.get("accuracy") is None:
-        return None
-    return 100.0 * (base["accuracy"] - r["accuracy"])
-
-
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| task | row | accuracy | drop (points) | cross-entropy | artifact bytes | "
@@ -92,13 +91,13 @@ def table(rows: list[dict[str, Any]]) -> str:
                 [
                     r["task"],
                     r["row"],
-                    _fmt(None if r.get("accuracy") is None else 100 * r["accuracy"], ".2f"),
-                    _fmt(r.get("drop"), "+.2f"),
-                    _fmt(r.get("cross_entropy"), ".4f"),
-                    _fmt(r.get("size_bytes"), ","),
-                    _fmt(r.get("model_bytes"), ","),
-                    _fmt(r.get("size_ratio"), ".3f") + ("x" if r.get("size_ratio") else ""),
-                    _fmt(r.get("seconds"), ".1f"),
+                    percent(r.get("accuracy")),
+                    fmt(r.get("drop"), "+.2f"),
+                    fmt(r.get("cross_entropy"), ".4f"),
+                    fmt(r.get("size_bytes"), ","),
+                    fmt(r.get("model_bytes"), ","),
+                    fmt(r.get("size_ratio"), ".3f") + ("x" if r.get("size_ratio") else ""),
+                    fmt(r.get("seconds"), ".1f"),
                     simulated,
                     r.get("error") or r.get("note", ""),
                 ]
@@ -115,10 +114,6 @@ def _find(rows: list[dict[str, Any]], task: str, name: str) -> dict[str, Any] | 
     return None
 
 
-def _target(text: str, figure: str, met: bool | None) -> dict[str, Any]:
-    return {"target": text, "figure": figure, "met": met}
-
-
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each target: text, measured figure, met (True / False; None when its rows did not run)."""
     lenet, mlp = "digits-lenet", "digits-mlp"
@@ -126,7 +121,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for o in OBSERVERS:
         r = _find(rows, lenet, f"w8a8-static/{o}")
         out.append(
-            _target(
+            target(
                 f"digits-lenet w8a8-static ({o}) drops <= {STATIC_DROP} points",
                 "no result" if r is None else f"{r['drop']:+.2f} points",
                 None if r is None else r["drop"] <= STATIC_DROP,
@@ -134,7 +129,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         )
     qat = _find(rows, lenet, "qat-w4a4")
     out.append(
-        _target(
+        target(
             f"digits-lenet qat-w4a4 drops <= {QAT_DROP} points",
             "no result" if qat is None else f"{qat['drop']:+.2f} points",
             None if qat is None else qat["drop"] <= QAT_DROP,
@@ -144,7 +139,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append(_qat_vs_ptq(rows, bits))
     km = _find(rows, mlp, "kmeans-4bit")
     out.append(
-        _target(
+        target(
             f"digits-mlp kmeans-4bit drops <= {KMEANS_DROP} points",
             "no result" if km is None else f"{km['drop']:+.2f} points",
             None if km is None else km["drop"] <= KMEANS_DROP,
@@ -153,7 +148,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for task in (lenet, mlp):
         r = _find(rows, task, "ternary-qat")
         out.append(
-            _target(
+            target(
                 f"{task} ternary-qat accuracy reported",
                 "no result" if r is None else f"{100 * r['accuracy']:.2f}% ({r['drop']:+.2f})",
                 None if r is None else True,
@@ -175,24 +170,17 @@ def _qat_vs_ptq(rows: list[dict[str, Any]], bits: int) -> dict[str, Any]:
         and r.get("drop") is not None
     ]
     if qat is None or not ptq:
-        return _target(text, "no result", None)
+        return target(text, "no result", None)
     figures = ", ".join(f"{r['row']} {r['drop']:+.2f}" for r in ptq)
     least = min(r["drop"] for r in ptq)
-    return _target(text, f"QAT {qat['drop']:+.2f} points; {figures}", least > qat["drop"])
-
-
-def format_targets(checks: list[dict[str, Any]]) -> str:
-    status = {True: "met", False: "NOT met", None: "not measured"}
-    lines = [f"- {c['target']}: {status[c['met']]} ({c['figure']})" for c in checks]
-    return "Targets:\n" + "\n".join(lines) + "\n"
+    return target(text, f"QAT {qat['drop']:+.2f} points; {figures}", least > qat["drop"])
 
 
 # -- measuring ------------------------------------------------------------------------------
 def recipe_for(shipped_name: str, changes: dict[str, Any], name: str) -> Any:
-    from slimkit.recipe import Recipe, resolve
+    from slimkit.recipe import Recipe
 
-    base = Recipe.from_file(resolve(shipped_name))
-    return Recipe.from_dict(with_options(base.to_dict(), changes, name), where=name)
+    return Recipe.from_dict(with_options(shipped_recipe(shipped_name), changes, name), where=name)
 
 
 def measure(task: Any, name: str, recipe: Any, work: Path) -> dict[str, Any]:
@@ -221,7 +209,7 @@ def measure(task: Any, name: str, recipe: Any, work: Path) -> dict[str, Any]:
         kinds = {m.describe() for m in loaded.modules() if isinstance(m, CompressedModule)}
         out["note"] = "; ".join(sorted(kinds))
     except Exception as e:  # a failing recipe is a row, never the end of the run
-        out["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        out["error"] = error_line(e)
     return out
 
 

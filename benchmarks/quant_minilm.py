@@ -33,6 +33,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from _common import format_targets, shipped_recipe, target
+
 from slimkit.io.atomic import write_text
 
 HERE = Path(__file__).resolve().parent
@@ -198,10 +200,6 @@ def markdown(rows: list[dict[str, Any]], setup: dict[str, Any]) -> str:
 
 
 # -- targets (pure) ----------------------------------------------------------------------
-def _target(text: str, figure: str, met: bool | None) -> dict[str, Any]:
-    return {"target": text, "figure": figure, "met": met}
-
-
 def _measured(rows: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
     """The row called ``name`` when it has its metrics, else None."""
     for r in rows:
@@ -225,9 +223,9 @@ def _check(
     found = [r for n in names if (r := _measured(rows, n)) is not None]
     if not found:
         status = False if _ran(rows, *names) else None
-        return _target(text, "no result", status)
+        return target(text, "no result", status)
     figures = "; ".join(f"{r['name']}: {figure(r)}" for r in found)
-    return _target(text, figures, any(passes(r) for r in found))
+    return target(text, figures, any(passes(r) for r in found))
 
 
 def _ge(value: float | None, bound: float) -> bool:
@@ -338,12 +336,6 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _cos(r: dict[str, Any]) -> str:
     return f"cos {r['cosine_mean']:.5f}"
-
-
-def format_targets(checks: list[dict[str, Any]]) -> str:
-    status = {True: "met", False: "NOT met", None: "not measured"}
-    lines = [f"- {c['target']}: {status[c['met']]} ({c['figure']})" for c in checks]
-    return "Targets:\n" + "\n".join(lines) + "\n"
 
 
 # -- recipes, machine ---------------------------------------------------------------------
@@ -513,8 +505,8 @@ def load_recipe(name: str) -> Any:
 
     if name in VARIANTS:
         base_name, changes = VARIANTS[name]
-        base = Recipe.from_file(resolve(base_name))
-        return Recipe.from_dict(with_options(base.to_dict(), changes, name), where=name)
+        base = shipped_recipe(base_name)
+        return Recipe.from_dict(with_options(base, changes, name), where=name)
     return Recipe.from_file(resolve(name))
 
 

@@ -12,11 +12,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _common import (
+    drop_points,
+    error_line,
+    fmt,
+    format_targets,
+    percent,
+    ratio,
+    round_trip,
+    row_named,
+    shipped_recipe,
+    target,
+)
 
 from slimkit.io.atomic import write_text
 
@@ -31,18 +43,6 @@ FEWER_CONV, DROP = 3.0, 1.0  # x fewer conv parameters, accuracy points
 
 
 # -- tables and targets (pure) ------------------------------------------------------------
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _percent(value: float | None) -> str:
-    return _fmt(None if value is None else 100 * value, ".2f")
-
-
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| row | conv params | vs fp32 | params | MACs / example | mean fit error | accuracy "
@@ -52,66 +52,46 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         cells = [
             r["row"],
-            _fmt(r.get("conv_params"), ","),
-            _ratio(r.get("conv_fewer")),
-            _fmt(r.get("params"), ","),
-            _fmt(r.get("macs"), ","),
-            _fmt(r.get("mean_fit_error"), ".4f"),
-            _percent(r.get("accuracy")),
-            _fmt(r.get("drop"), "+.2f"),
+            fmt(r.get("conv_params"), ","),
+            ratio(r.get("conv_fewer")),
+            fmt(r.get("params"), ","),
+            fmt(r.get("macs"), ","),
+            fmt(r.get("mean_fit_error"), ".4f"),
+            percent(r.get("accuracy")),
+            fmt(r.get("drop"), "+.2f"),
             r.get("error") or r.get("note", ""),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _row(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
-    """The row called ``name`` without error; {} when there is none."""
-    for r in rows:
-        if r["row"] == name and not r.get("error"):
-            return r
-    return {}
-
-
 def add_comparisons(rows: list[dict[str, Any]], base: dict[str, Any]) -> None:
     """Fill each row's accuracy drop (points) and conv-parameter ratio against ``base``."""
     for r in rows:
-        r["drop"] = None
+        r["drop"] = drop_points(base, r)
         r["conv_fewer"] = None
-        if base.get("accuracy") is not None and r.get("accuracy") is not None:
-            r["drop"] = 100.0 * (base["accuracy"] - r["accuracy"])
         if base.get("conv_params") and r.get("conv_params"):
             r["conv_fewer"] = base["conv_params"] / r["conv_params"]
 
 
-def _target(text: str, figure: str, met: bool | None) -> dict[str, Any]:
-    return {"target": text, "figure": figure, "met": met}
-
-
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The recipe's conv parameters against fp32's, and its accuracy drop after recovery."""
-    base, ours = _row(rows, "fp32"), _row(rows, RECIPE)
+    base, ours = row_named(rows, "fp32"), row_named(rows, RECIPE)
     fewer = ours.get("conv_fewer") if base else None
     drop = ours.get("drop") if base else None
     return [
-        _target(
+        target(
             f"{RECIPE} conv parameters >= {FEWER_CONV:g}x fewer than fp32",
-            f"{_ratio(fewer)} ({_fmt(ours.get('conv_params'), ',')} vs "
-            f"{_fmt(base.get('conv_params'), ',')})",
+            f"{ratio(fewer)} ({fmt(ours.get('conv_params'), ',')} vs "
+            f"{fmt(base.get('conv_params'), ',')})",
             None if fewer is None else fewer >= FEWER_CONV,
         ),
-        _target(
+        target(
             f"{RECIPE} accuracy drop <= {DROP:g} point after recovery",
-            f"{_fmt(drop, '+.2f')} points",
+            f"{fmt(drop, '+.2f')} points",
             None if drop is None else drop <= DROP,
         ),
     ]
-
-
-def format_targets(checks: list[dict[str, Any]]) -> str:
-    status = {True: "met", False: "NOT met", None: "not measured"}
-    lines = [f"- {c['target']}: {status[c['met']]} ({c['figure']})" for c in checks]
-    return "Targets:\n" + "\n".join(lines) + "\n"
 
 
 def without_finetune(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -132,10 +112,6 @@ def render(results: dict[str, Any]) -> str:
 
 
 # -- measuring ----------------------------------------------------------------------------
-def _error(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-
 def conv_params(model: Any) -> int:
     """Parameters of every Conv2d of ``model`` (the depthwise and pointwise halves of a
     SeparableConv2d included)."""
@@ -167,9 +143,7 @@ def measure(task: Any, name: str, recipe: dict[str, Any] | None, note: str, work
             start = time.perf_counter()
             slimkit.compress(model, recipe, task=task)
             out["seconds"] = time.perf_counter() - start
-        path = slimkit.save(model, work / name, overwrite=True)
-        loaded = slimkit.load(path)
-        shutil.rmtree(path)
+        loaded = round_trip(model, work / name)
         out.update(task.evaluate(loaded))
         out["conv_params"] = conv_params(loaded)
         out["params"] = count_params(loaded)
@@ -183,7 +157,7 @@ def measure(task: Any, name: str, recipe: dict[str, Any] | None, note: str, work
             out["fit_errors"] = errors
             out["mean_fit_error"] = sum(errors.values()) / len(errors)
     except Exception as e:  # a failing row is reported, never the end of the run
-        out["error"] = _error(e)
+        out["error"] = error_line(e)
     return out
 
 
@@ -193,12 +167,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     import slimkit.separable.stage  # noqa: F401  (registers the stage)
-    from slimkit.recipe import Recipe, resolve
     from slimkit.tasks import get
 
     torch.set_num_threads(THREADS)
     task = get(TASK)
-    shipped = Recipe.from_file(resolve(RECIPE)).to_dict()
+    shipped = shipped_recipe(RECIPE)
     plan: list[tuple[str, dict[str, Any] | None, str]] = [
         ("fp32", None, "saved + loaded"),
         (FIT_ONLY, without_finetune(shipped), "least-squares fit, no recovery; saved + loaded"),
@@ -206,7 +179,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     with tempfile.TemporaryDirectory(prefix="separable-") as tmp:
         rows = [measure(task, name, recipe, note, Path(tmp)) for name, recipe, note in plan]
-    add_comparisons(rows, _row(rows, "fp32"))
+    add_comparisons(rows, row_named(rows, "fp32"))
     recovery = ", ".join(
         f"{kind} {f.get('method')}: {f.get('epochs')} epochs at lr {f.get('lr')} "
         f"({f.get('lr_schedule')})"

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import fmt, ratio
 from torch import nn
 
 from slimkit.io.atomic import write_text
@@ -46,11 +47,12 @@ ENV = "SLIMKIT_SPARSE_KERNEL"
 
 # -- tables (pure) ----------------------------------------------------------------------------
 def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+    return fmt(value, ".3f")
 
 
 def _ratio(num: float | None, den: float | None) -> str:
-    return "-" if not num or not den else f"{num / den:.2f}x"
+    """``num / den`` as ``2.50x``; ``-`` when either is missing or zero."""
+    return ratio(num / den if num and den else None)
 
 
 def layer_table(rows: list[dict[str, Any]]) -> str:

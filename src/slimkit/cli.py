@@ -1,4 +1,4 @@
-"""Command line: ``slimkit tasks | compress | eval | demo``.
+"""Command line: ``slimkit tasks | compress | eval | demo | search``.
 
 Exit codes: 0 ok; 2 bad input or usage (one clear line, no traceback); 1 internal error.
 """
@@ -181,6 +181,116 @@ def demo_cmd(
     )
 
 
+@app.command("search")
+def search_cmd(
+    task: TaskOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
+    max_params_ratio: Annotated[
+        float | None, typer.Option(help="Parameter limit: a fraction (0, 1] of the task model.")
+    ] = None,
+    max_params: Annotated[int | None, typer.Option(help="Parameter limit (absolute).")] = None,
+    max_macs_ratio: Annotated[
+        float | None, typer.Option(help="MAC limit: a fraction (0, 1] of the task model.")
+    ] = None,
+    max_macs: Annotated[int | None, typer.Option(help="MAC limit per example (absolute).")] = None,
+    generations: Annotated[int, typer.Option(help="Generations of evolution.")] = 4,
+    population: Annotated[int, typer.Option(help="Population size.")] = 8,
+    epochs: Annotated[int, typer.Option(help="Training epochs of each candidate.")] = 5,
+    final_epochs: Annotated[int, typer.Option(help="Training epochs of the winner.")] = 30,
+    workers: Annotated[int, typer.Option(help="Candidates trained in parallel processes.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the search and of every training.")] = 0,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from OUT/search.jsonl.")
+    ] = False,
+) -> None:
+    """Architecture search: evolve the task's search space within a size limit; write
+    OUT/search.jsonl (every trial), OUT/pareto.png, OUT/front.json and the winner in OUT/model."""
+    import json
+
+    from slimkit import tasks
+    from slimkit.io.artifact import check_target, save
+    from slimkit.io.atomic import write_text
+    from slimkit.nas.stage import NasConfig, run_search, space_of, summary
+
+    log = out / "search.jsonl"
+    config = NasConfig(  # every option checked before any work
+        population=population,
+        generations=generations,
+        epochs=epochs,
+        final_epochs=final_epochs,
+        workers=workers,
+        seed=seed,
+        max_params=max_params,
+        max_macs=max_macs,
+        max_params_ratio=max_params_ratio,
+        max_macs_ratio=max_macs_ratio,
+        log=str(log),
+        resume=resume,
+        plot=str(out / "pareto.png"),
+    )
+    the_task = tasks.get(task)
+    space_of(the_task)
+    if log.exists() and log.stat().st_size and not resume:
+        raise TaskError(f"{log} holds an earlier search; pass --resume to continue it")
+    check_target(out / "model", overwrite=resume, how="pass --resume")
+    with _progress() as step:
+        step(f"loading {the_task.name}")
+        baseline = the_task.model()
+        try:
+            result = run_search(baseline, config, the_task, step)
+        except KeyboardInterrupt:
+            hint = {
+                "task": task,
+                "out": out,
+                "max_params_ratio": max_params_ratio,
+                "max_params": max_params,
+                "max_macs_ratio": max_macs_ratio,
+                "max_macs": max_macs,
+                "generations": generations,
+                "population": population,
+                "epochs": epochs,
+                "final_epochs": final_epochs,
+                "workers": workers,
+                "seed": seed,
+            }
+            kept = len(_log_lines(log))
+            err_console.print(
+                f"interrupted: {kept} finished trials kept in {log}; continue with: "
+                f"slimkit search {_rerun_args(hint)} --resume",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(130) from None
+        step("saving the winner")
+        save(result.model, out / "model", overwrite=True)
+        write_text(out / "front.json", json.dumps(result.to_json(), indent=2) + "\n")
+        base_acc = the_task.evaluate(baseline)["accuracy"]
+        won_acc = the_task.evaluate(result.model)["accuracy"]
+    console.print(summary(result), markup=False, highlight=False, soft_wrap=True)
+    console.print(
+        f"test accuracy: baseline {100 * base_acc:.2f}%, winner {100 * won_acc:.2f}% "
+        f"(params {result.winner.params:,})",
+        markup=False,
+        highlight=False,
+    )
+    console.print(
+        f"wrote {log}, {out / 'pareto.png'}, {out / 'front.json'}, {out / 'model'}", markup=False
+    )
+
+
+def _log_lines(log: Path) -> list[dict[str, object]]:
+    from slimkit.nas.search import read_log
+
+    return read_log(log)
+
+
+def _rerun_args(options: dict[str, object]) -> str:
+    """``--name value`` for every option given (not None), for the resume hint."""
+    given = {k: v for k, v in options.items() if v is not None}
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items())
+
+
 def _baseline(
     model: nn.Module, task: Task, dest: Path, step: Callable[[str], None], overwrite: bool = False
 ) -> Candidate:
@@ -211,7 +321,11 @@ def _compressed(
     seconds = time.perf_counter() - start
     step(f"{rec.name}: saving to {dest}")
     save(compressed, dest, overwrite=overwrite, task=task)
-    return _candidate(rec.name, load(dest), dest, rec.name, [f"compressed in {seconds:.1f} s"])
+    from slimkit.nas.stage import write_search_report
+
+    notes = [f"compressed in {seconds:.1f} s"]
+    notes += [f"wrote {p.name}" for p in write_search_report(compressed, dest)]
+    return _candidate(rec.name, load(dest), dest, rec.name, notes)
 
 
 def _candidate(

@@ -55,6 +55,7 @@ def load_builtin() -> None:
     # importing the technique packages runs their @register decorators
     import slimkit.encode.stage
     import slimkit.factorize.stage
+    import slimkit.nas.stage
     import slimkit.prune.magnitude
     import slimkit.prune.nm
     import slimkit.prune.schedule

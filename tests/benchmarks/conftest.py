@@ -8,6 +8,8 @@ from pathlib import Path
 from types import ModuleType
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+if str(BENCHMARKS) not in sys.path:  # the scripts import their shared helpers (_common)
+    sys.path.insert(0, str(BENCHMARKS))
 
 
 def load_script(filename: str) -> ModuleType:

@@ -115,12 +115,23 @@ def test_unknown_stage_kind_suggests(tmp_path: Path) -> None:
     assert "did you mean 'quantize'?" in msg
 
 
-def test_known_but_unavailable_kind(tmp_path: Path) -> None:
+def test_known_but_unavailable_kind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from slimkit import registry
+
+    # every kind is implemented now: simulate a build without the nas stage
+    real = registry.config_class
+    monkeypatch.setattr(registry, "config_class", lambda k, m: None if k == "nas" else real(k, m))
+    monkeypatch.setattr(registry, "methods", lambda k: [])
     msg, p = recipe_error(tmp_path, "name: x\nstages:\n  - quantize: {}\n  - nas: {}\n")
     assert str(p) in msg
     assert "stages[1]" in msg
     assert "'nas'" in msg
     assert "not available" in msg
+
+
+def test_nas_without_method_lists_evolution(tmp_path: Path) -> None:
+    msg, _ = recipe_error(tmp_path, "name: x\nstages:\n  - nas: {max_params: 10}\n")
+    assert "allowed: evolution" in msg
 
 
 def test_unknown_method_suggests(tmp_path: Path) -> None:

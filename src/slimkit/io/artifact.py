@@ -150,7 +150,12 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def _manifest(model: nn.Module, task: Any, recipe: dict[str, Any] | None) -> dict[str, Any]:
     recorded = info(model)
-    source = task.source() if task is not None else recorded.get("source") or _source_of(model)
+    source = _kwargs_source(model)  # a model built from arguments (architecture search)
+    if source is None:
+        source = task.source() if task is not None else recorded.get("source") or _source_of(model)
+    student = recorded.get("student")  # a task's student architecture (distillation)
+    if isinstance(student, dict) and "task" in source:
+        source = {**source, "student": student}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -194,6 +199,40 @@ def _source_of(model: nn.Module) -> dict[str, Any]:
     if importable and not cls.__module__.startswith("torch.") and _no_arg_init(cls):
         return {"class": f"{cls.__module__}:{cls.__qualname__}"}
     return {"caller": cls.__qualname__}
+
+
+def _kwargs_source(model: nn.Module) -> dict[str, Any] | None:
+    """``{"class": "slimkit.mod:Cls", "kwargs": {...}}`` for a slimkit model class that
+    records its constructor arguments (``rebuild_kwargs()``), such as a searched network."""
+    cls = type(model)
+    rebuild = getattr(model, "rebuild_kwargs", None)
+    if not callable(rebuild) or not _is_slimkit_module(cls.__module__):
+        return None
+    kwargs = rebuild()
+    _check_kwargs(kwargs, f"{cls.__qualname__}.rebuild_kwargs()")
+    return {"class": f"{cls.__module__}:{cls.__qualname__}", "kwargs": kwargs}
+
+
+def _is_slimkit_module(module: str) -> bool:
+    return module == "slimkit" or module.startswith("slimkit.")
+
+
+def _check_kwargs(kwargs: Any, where: str) -> None:
+    """ArtifactError unless ``kwargs`` maps names to JSON scalars and (nested) lists of them."""
+
+    def plain(v: Any) -> bool:
+        if v is None or isinstance(v, bool | int | float | str):
+            return True
+        return isinstance(v, list) and all(plain(x) for x in v)
+
+    ok = isinstance(kwargs, dict) and all(
+        isinstance(k, str) and k.isidentifier() and plain(v) for k, v in kwargs.items()
+    )
+    if not ok:
+        raise ArtifactError(
+            f"{where}: constructor arguments must map names to JSON scalars or lists, "
+            f"got {kwargs!r}"
+        )
 
 
 def _no_arg_init(cls: type) -> bool:
@@ -313,7 +352,9 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
             f"{p / WEIGHTS}: does not fit the model (missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]})"
         )
-    set_info(base, source=manifest["source"], recipe=manifest.get("recipe"), artifact=str(p))
+    source = manifest["source"]
+    student = source.get("student") if "task" in source else None
+    set_info(base, source=source, recipe=manifest.get("recipe"), artifact=str(p), student=student)
     return base.eval()
 
 
@@ -326,16 +367,40 @@ def _rebuild_base(source: dict[str, Any], p: Path) -> nn.Module:
     if "task" in source:
         from slimkit import tasks
 
-        return tasks.from_source(source).model()
+        return tasks.model_from_source(source)  # the task's model, or its recorded student
     if "hf" in source:
         cls = _import(source["class"], p)
         return cls.from_pretrained(source["hf"])  # type: ignore[no-any-return]
+    if "class" in source and "kwargs" in source:
+        return _rebuild_with_kwargs(source, p)
     if "class" in source:
         return _import(source["class"], p)()  # type: ignore[no-any-return]
     raise ArtifactError(
         f"{p}: was saved from a {source.get('caller', 'model')} that slimkit cannot rebuild "
         f"alone; pass model= a fresh instance of that architecture"
     )
+
+
+def _rebuild_with_kwargs(source: dict[str, Any], p: Path) -> nn.Module:
+    """Construct ``source["class"]`` with ``source["kwargs"]``: only a ``torch.nn.Module``
+    class of the ``slimkit`` package, only with JSON scalars and lists (no other code runs
+    than slimkit's own; nothing from another package is imported)."""
+    path, kwargs = source["class"], source["kwargs"]
+    module = path.partition(":")[0] if isinstance(path, str) else ""
+    if not _is_slimkit_module(module):
+        raise ArtifactError(
+            f"{p}: refused to rebuild {path!r}: a class with constructor arguments is rebuilt "
+            f"only from the slimkit package"
+        )
+    _check_kwargs(kwargs, f"{p / MANIFEST}: source kwargs")
+    cls = _import(path, p)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ArtifactError(f"{p}: {path} is not a torch.nn.Module class")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"{p}: cannot rebuild {path} from its arguments: {e}") from None
 
 
 def _import(path: str, p: Path) -> Any:

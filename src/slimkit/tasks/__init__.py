@@ -8,6 +8,8 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from torch import nn
+
 from slimkit.errors import TaskError, did_you_mean
 from slimkit.tasks.base import Task
 from slimkit.tasks.digits import DigitsLeNet, DigitsMLP
@@ -25,8 +27,12 @@ __all__ = [
     "describe",
     "from_source",
     "get",
+    "model_from_source",
     "names",
 ]
+
+#: the key of a task source that records a student architecture
+STUDENT = "student"
 
 _TASKS: dict[str, type[Task]] = {
     cls.name: cls for cls in (DigitsLeNet, DigitsMLP, DigitsResNet, MiniLMTopics, HFTask)
@@ -59,8 +65,26 @@ def from_source(source: dict[str, Any]) -> Task:
     """Rebuild a task from what its ``source()`` returned, e.g. ``{"task": "digits-lenet"}``."""
     if not isinstance(source, dict) or not isinstance(source.get("task"), str):
         raise TaskError(f"not a task source (expected a mapping with a 'task' name): {source!r}")
-    kwargs = {k: v for k, v in source.items() if k != "task"}
+    kwargs = {k: v for k, v in source.items() if k not in ("task", STUDENT)}
     return get(source["task"], **kwargs)
+
+
+def model_from_source(source: dict[str, Any]) -> nn.Module:
+    """The architecture a task source records: the task's model, or, when the source has a
+    ``student`` entry (``{"width", "depth", ...}``, recorded by distillation into a student),
+    ``task.student(...)`` randomly initialised (its tensors are then loaded)."""
+    task = from_source(source)
+    student = source.get(STUDENT)
+    if student is None:
+        return task.model()
+    if not isinstance(student, dict):
+        raise TaskError(f"a task source's 'student' must be a mapping, got {student!r}")
+    return task.student(
+        width=float(student.get("width", 1.0)),
+        depth=float(student.get("depth", 1.0)),
+        init="random",
+        seed=int(student.get("seed", 0)),
+    )
 
 
 def _check_arguments(cls: type[Task], kwargs: dict[str, Any]) -> None:

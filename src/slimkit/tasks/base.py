@@ -9,6 +9,9 @@ import torch
 from torch import nn
 
 from slimkit.data import Batch
+from slimkit.errors import ConfigError
+
+STUDENT_INITS = ("teacher", "random")
 
 
 class Task(abc.ABC):
@@ -54,5 +57,29 @@ class Task(abc.ABC):
     def source(self) -> dict[str, Any]:
         return {"task": self.name}
 
+    def student(
+        self, width: float = 1.0, depth: float = 1.0, init: str = "teacher", seed: int = 0
+    ) -> nn.Module:
+        """A smaller model with the task model's inputs and output shape, in eval mode:
+        ``width`` scales the hidden widths and ``depth`` the number of layers (each in
+        (0, 1]); ``init`` ``teacher`` starts from the task model's weights where the
+        architecture allows, ``random`` from a seeded random initialisation."""
+        raise ConfigError(f"task {self.name!r} defines no student architecture")
+
     def latency_description(self, batch: int | None = None) -> str:
         return f"batch {batch or self.default_batch}"
+
+
+def check_student(task: str, width: float, depth: float, init: str) -> None:
+    """ConfigError naming the argument when a student option is out of range."""
+    for name, value in (("width", width), ("depth", depth)):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (ok and 0.0 < value <= 1.0):
+            raise ConfigError(
+                f"task {task!r}: student {name} {value!r} is out of range; allowed: a number "
+                "in (0, 1]"
+            )
+    if init not in STUDENT_INITS:
+        raise ConfigError(
+            f"task {task!r}: student init {init!r} is unknown; allowed: {', '.join(STUDENT_INITS)}"
+        )

@@ -7,6 +7,7 @@ safetensors in the user cache directory, ``$SLIMKIT_CACHE_DIR/tasks`` when that 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import time
@@ -19,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimkit.data import Batch, call, first_tensor
+from slimkit.errors import ConfigError
 from slimkit.io import atomic
-from slimkit.tasks.base import Task
+from slimkit.tasks.base import Task, check_student
 
 # Bump whenever the data, the architectures or the training change: it is part of the cache key.
 RECIPE_VERSION = 1
@@ -32,38 +34,67 @@ NOISE_SEED = 1234
 
 
 class LeNet5(nn.Module):
-    """A LeNet-5-style CNN for (B, 1, 8, 8) images: two conv layers, three linear layers."""
+    """A LeNet-5-style CNN for (B, 1, 8, 8) images: two conv layers, three linear layers.
 
-    def __init__(self) -> None:
+    The hidden widths are arguments (a student is the same network narrower); the defaults
+    are the task's model."""
+
+    def __init__(
+        self, conv1: int = 16, conv2: int = 32, fc1: int = 120, fc2: int = 84, classes: int = 10
+    ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, kernel_size=3, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, kernel_size=3, padding=1)
-        self.fc1 = nn.Linear(32 * 2 * 2, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, 10)
+        self.conv1 = nn.Conv2d(1, conv1, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(conv1, conv2, kernel_size=3, padding=1)
+        self.fc1 = nn.Linear(conv2 * 2 * 2, fc1)
+        self.fc2 = nn.Linear(fc1, fc2)
+        self.fc3 = nn.Linear(fc2, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 8, 8)
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (B, 16, 4, 4)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (B, 32, 2, 2)
-        x = x.flatten(1)  # (B, 128)
-        x = F.relu(self.fc1(x))  # (B, 120)
-        x = F.relu(self.fc2(x))  # (B, 84)
-        return self.fc3(x)  # (B, 10)
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (B, C1, 4, 4)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (B, C2, 2, 2)
+        x = x.flatten(1)  # (B, C2 * 4)
+        x = F.relu(self.fc1(x))  # (B, F1)
+        x = F.relu(self.fc2(x))  # (B, F2)
+        return self.fc3(x)  # (B, classes)
 
 
 class MLP300100(nn.Module):
-    """The LeNet-300-100 MLP on flattened (B, 64) digit images."""
+    """The LeNet-300-100 MLP on flattened (B, 64) digit images (hidden widths are arguments;
+    the defaults are the task's model)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fc1: int = 300, fc2: int = 100, classes: int = 10) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(64, 300)
-        self.fc2 = nn.Linear(300, 100)
-        self.fc3 = nn.Linear(100, 10)
+        self.fc1 = nn.Linear(64, fc1)
+        self.fc2 = nn.Linear(fc1, fc2)
+        self.fc3 = nn.Linear(fc2, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 64)
-        x = F.relu(self.fc1(x))  # (B, 300)
-        x = F.relu(self.fc2(x))  # (B, 100)
-        return self.fc3(x)  # (B, 10)
+        x = F.relu(self.fc1(x))  # (B, F1)
+        x = F.relu(self.fc2(x))  # (B, F2)
+        return self.fc3(x)  # (B, classes)
+
+
+def hidden_widths(arch: type[nn.Module], width: float) -> dict[str, int]:
+    """The constructor's hidden widths (every integer argument but ``classes``) times
+    ``width``, rounded, at least 1."""
+    params = inspect.signature(arch).parameters.values()
+    return {
+        p.name: max(1, round(p.default * width))
+        for p in params
+        if p.name != "classes" and isinstance(p.default, int)
+    }
+
+
+def copy_leading(student: nn.Module, teacher: nn.Module) -> None:
+    """Fill every tensor of ``student`` with the leading block of the teacher's tensor of
+    the same name (the first output channels / neurons and inputs): the teacher's sub-network
+    of the kept units. A flattened (C, 2, 2) map is channel-major, so its first C' * 4
+    columns are the kept channels."""
+    source = teacher.state_dict()
+    with torch.no_grad():
+        for name, tensor in student.state_dict().items():
+            block = source[name][tuple(slice(0, n) for n in tensor.shape)]
+            tensor.copy_(block)
 
 
 def cache_dir() -> Path:
@@ -169,6 +200,26 @@ class DigitsTask(Task):
     def model(self) -> nn.Module:
         return self._build(self._weights())
 
+    def student(
+        self, width: float = 1.0, depth: float = 1.0, init: str = "teacher", seed: int = 0
+    ) -> nn.Module:
+        """The same architecture with every hidden width (conv channels, FC neurons) times
+        ``width``, rounded, at least 1; the output layer keeps the classes. ``init``:
+        ``random`` (seeded by ``seed``; the global RNG is left as is) or ``teacher`` (the
+        leading channels / neurons of the task's trained model). Only ``depth`` 1."""
+        check_student(self.name, width, depth, init)
+        if depth != 1.0:
+            raise ConfigError(
+                f"task {self.name!r}: student depth {depth!r} is not supported; its layers "
+                "cannot be dropped (allowed: 1.0)"
+            )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = self.arch(**hidden_widths(self.arch, width))
+        if init == "teacher":
+            copy_leading(model, self.model())
+        return model.eval()
+
     def _build(self, state: dict[str, torch.Tensor]) -> nn.Module:
         """The architecture in eval mode with ``state`` loaded; the global RNG is left as is."""
         with torch.random.fork_rng(devices=[]):
@@ -262,6 +313,17 @@ class DigitsLeNet(DigitsTask):
     epochs = 25
     lr = 2e-2
 
+    def search_space(self) -> Any:
+        """Architecture search (nas stage): 1..3 conv blocks (width, 3x3 or 5x5, standard
+        or depthwise-separable), 1..2 hidden Linear layers."""
+        from slimkit.nas.space import SearchSpace
+
+        return SearchSpace(
+            "cnn", (1, 8, 8), 10, hidden=(16, 24, 32, 48, 64, 96, 128), fc_depth=(1, 2),
+            channels=(4, 8, 12, 16, 24, 32), kernels=(3, 5), separable=(False, True),
+            conv_depth=(1, 3),
+        )  # fmt: skip
+
 
 class DigitsMLP(DigitsTask):
     name = "digits-mlp"
@@ -270,3 +332,10 @@ class DigitsMLP(DigitsTask):
     flatten = True
     epochs = 25
     lr = 2e-2
+
+    def search_space(self) -> Any:
+        """Architecture search (nas stage): 1..3 hidden Linear layers of the listed widths."""
+        from slimkit.nas.space import SearchSpace
+
+        hidden = (16, 32, 48, 64, 100, 128, 200, 300)
+        return SearchSpace("mlp", (64,), 10, hidden=hidden, fc_depth=(1, 3))

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimkit.data import Batch, call, first_tensor
-from slimkit.errors import DataError, ModelError, TaskError
-from slimkit.tasks.base import Task
+from slimkit.errors import ConfigError, DataError, ModelError, TaskError
+from slimkit.tasks.base import Task, check_student
 
 MAX_LENGTH = 128
 EVAL_BATCH = 64
@@ -177,6 +177,24 @@ def drop_tokens(
     }
 
 
+def even_layers(n: int, depth: float) -> list[int]:
+    """The indices of ``round(depth * n)`` (at least 1) of ``n`` layers, spread evenly from
+    the first: ``floor(i * n / k)``; depth 0.5 of 6 gives [0, 2, 4]."""
+    k = min(n, max(1, round(depth * n)))
+    return [i * n // k for i in range(k)]
+
+
+def _encoder_layers(model: nn.Module, where: Path) -> nn.ModuleList:
+    """The BERT-like ``encoder.layer`` blocks; ConfigError when the model has none."""
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ConfigError(
+            f"{where}: a student needs a BERT-like encoder with 'encoder.layer' blocks; "
+            f"{type(model).__name__} has none"
+        )
+    return layers
+
+
 EvalBatches = list[tuple[torch.Tensor, dict[str, torch.Tensor]]]  # (positions, inputs)
 
 
@@ -212,6 +230,47 @@ class TextEncoderTask(Task):
                 model = AutoModel.from_pretrained(str(self.model_dir))
         except (OSError, ValueError, KeyError) as e:
             raise ModelError(f"{self.model_dir}: cannot load the model: {_one_line(e)}") from None
+        return model.float().eval()
+
+    def student(
+        self, width: float = 1.0, depth: float = 1.0, init: str = "teacher", seed: int = 0
+    ) -> nn.Module:
+        """The encoder with ``round(depth * layers)`` (at least 1) of its ``encoder.layer``
+        blocks, chosen evenly (:func:`even_layers`: depth 0.5 of 6 keeps 0, 2, 4), and
+        ``config.num_hidden_layers`` set to match. ``init``: ``teacher`` keeps the task
+        model's weights (embeddings, the kept blocks, pooler); ``random`` initialises the
+        same architecture from its config, seeded by ``seed``. Only ``width`` 1."""
+        check_student(self.name, width, depth, init)
+        if width != 1.0:
+            raise ConfigError(
+                f"task {self.name!r}: student width {width!r} is not supported; only whole "
+                "encoder layers are dropped (allowed: 1.0)"
+            )
+        if init == "teacher":
+            model = self.model()
+            blocks = _encoder_layers(model, self.model_dir)
+            keep = even_layers(len(blocks), depth)
+            kept = [blocks[i] for i in keep]
+            for j, block in enumerate(kept):  # renumber the blocks' cache indices
+                for m in block.modules():
+                    if isinstance(getattr(m, "layer_idx", None), int):
+                        setattr(m, "layer_idx", j)  # noqa: B010  (a plain attribute)
+            model.get_submodule("encoder").layer = nn.ModuleList(kept)
+            config: Any = model.config
+            config.num_hidden_layers = len(keep)
+            return model.eval()
+        from transformers import AutoConfig, AutoModel
+
+        try:
+            with _quiet_loading():
+                config = AutoConfig.from_pretrained(str(self.model_dir))
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelError(f"{self.model_dir}: cannot load the config: {_one_line(e)}") from None
+        config.num_hidden_layers = len(even_layers(config.num_hidden_layers, depth))
+        with torch.random.fork_rng(devices=[]), _quiet_loading():
+            torch.manual_seed(seed)
+            model = AutoModel.from_config(config)
+        _encoder_layers(model, self.model_dir)
         return model.float().eval()
 
     @property

@@ -19,6 +19,14 @@ k-means codebooks; integer-code layers frozen; the stored form unchanged) to mat
   the widths differ a projection (Linear on the last dim, 1x1 Conv2d on (B, C, H, W) maps)
   trains with the student and is discarded afterwards.
 
+With ``student_width`` and/or ``student_depth`` the model entering the stage is set aside
+and a new, smaller model of the task is trained instead and returned: ``task.student(width,
+depth, student_init, seed)`` (narrower digits networks; a BERT encoder keeping every other
+layer, ...). The student's options are recorded on it (``set_info(student=...)``), so a saved
+artifact's source names them and loading rebuilds the student's architecture. The teacher is
+as configured (``original``: the model as it entered the recipe). ``alpha: 0`` trains the
+same student on the hard labels alone, the baseline distillation is measured against.
+
 Before any training: the hint layers must exist, and the student's output must have the
 teacher's shape on the first batch (and every hint pair fit a projection). A ``val_fraction``
 of the batches (chosen by ``seed``) is held out; after each epoch the distillation loss on it
@@ -50,11 +58,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimkit.compressed import count_params
 from slimkit.config import Config
 from slimkit.data import Batch, call, first_tensor
 from slimkit.errors import ConfigError, DataError, ModelError, did_you_mean
 from slimkit.io.atomic import atomic_path
-from slimkit.pipeline import Context
+from slimkit.pipeline import Context, set_info
 from slimkit.quant.calibrate import labelled_batches
 from slimkit.quant.kmeans import Adam
 from slimkit.quant.qat import writable
@@ -81,6 +90,11 @@ class EmbeddingKind(str, enum.Enum):
     MSE = "mse"
 
 
+class StudentInit(str, enum.Enum):
+    TEACHER = "teacher"
+    RANDOM = "random"
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillConfig(Config):
     """Distil ``teacher`` (``original``, ``task`` or an artifact path) into the model for
@@ -91,7 +105,11 @@ class DistillConfig(Config):
     ``pseudo_labels`` trains on the unlabelled calibration data; ``val_fraction`` of the
     batches held out for early stopping after ``patience`` epochs without improvement (0:
     no validation); ``checkpoint`` a file to save after each epoch and resume from;
-    ``batch_limit`` the first batches only (null: all); shuffled by ``seed``."""
+    ``batch_limit`` the first batches only (null: all); shuffled by ``seed``.
+    ``student_width`` / ``student_depth`` (each in (0, 1]; null: 1 when the other is set,
+    no student when both are null): train a new, smaller model of the task,
+    ``task.student(width, depth, student_init, seed)``, instead of the model entering the
+    stage, and return it."""
 
     kind = "distill"
     method = "kd"
@@ -112,6 +130,23 @@ class DistillConfig(Config):
     checkpoint: str | None = None
     batch_limit: int | None = None
     seed: int = 0
+    student_width: float | None = None
+    student_depth: float | None = None
+    student_init: StudentInit = StudentInit.TEACHER
+
+    @property
+    def has_student(self) -> bool:
+        """Whether the stage trains a new student of the task instead of the model."""
+        return self.student_width is not None or self.student_depth is not None
+
+    def student_options(self) -> dict[str, Any]:
+        """The arguments of ``task.student`` (and what an artifact records to rebuild it)."""
+        return {
+            "width": 1.0 if self.student_width is None else self.student_width,
+            "depth": 1.0 if self.student_depth is None else self.student_depth,
+            "init": self.student_init.value,
+            "seed": self.seed,
+        }
 
     @property
     def needs_original(self) -> bool:
@@ -150,6 +185,10 @@ class DistillConfig(Config):
             self.fail("batch_limit", "an integer >= 1, or null for every batch")
         if self.seed < 0:
             self.fail("seed", "an integer >= 0")
+        for name in ("student_width", "student_depth"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and 0.0 < value <= 1.0):
+                self.fail(name, "a number in (0, 1], or null")
 
 
 @dataclasses.dataclass
@@ -396,10 +435,24 @@ def distill(
         if config.checkpoint is not None:
             state = _resume(Path(config.checkpoint), model, projections, opt, fingerprint, say)
 
+        t_cache: dict[int, torch.Tensor] = {}
+
+        def teacher_out(i: int) -> torch.Tensor:
+            """The teacher's output on batch ``i``: computed once when there are no hints
+            (the teacher is frozen and in eval mode), every time otherwise (the hint hooks
+            need its features)."""
+            inputs = data[i][0]
+            if hints or i not in t_cache:
+                with torch.no_grad():
+                    out = outputs(call(teacher, inputs), inputs, config.loss)
+                if hints:
+                    return out
+                t_cache[i] = out
+            return t_cache[i]
+
         def batch_loss(i: int, with_hints: bool) -> torch.Tensor:
             inputs, labels = data[i]
-            with torch.no_grad():
-                t_out = outputs(call(teacher, inputs), inputs, config.loss)
+            t_out = teacher_out(i)
             s_out = outputs(call(model, inputs), inputs, config.loss)
             loss = objective(s_out, t_out, labels, config)
             if with_hints and hints and config.hint_weight > 0:
@@ -597,8 +650,22 @@ def _resume(
 
 
 # -- the stage ---------------------------------------------------------------------------
+def build_student(config: DistillConfig, ctx: Context) -> nn.Module:
+    """``ctx.task.student(...)`` of the configured options; ConfigError without a task."""
+    if ctx.task is None:
+        raise ConfigError(
+            f"{config._where('student_width')}: a student is built by the task; none was given"
+        )
+    options = config.student_options()
+    student = ctx.task.student(**options)
+    set_info(student, student=options)
+    return student
+
+
 @register(DistillConfig)
 def apply_distill(model: nn.Module, config: DistillConfig, ctx: Context) -> nn.Module:
+    if config.has_student:
+        model = build_student(config, ctx)
     check_hint_layers(model, config, "student")
     teacher = resolve_teacher(config, ctx)
     if teacher is model:
@@ -611,5 +678,7 @@ def apply_distill(model: nn.Module, config: DistillConfig, ctx: Context) -> nn.M
     summary += f", loss {history.losses[-1]:.4f}" if history.losses else ""
     if history.best_epoch:
         summary += f", best val {min(history.val):.4f} (epoch {history.best_epoch}) kept"
+    if config.has_student:
+        summary += f"; student {config.student_options()} of {count_params(model):,} params"
     ctx.report(summary)
     return model.eval()

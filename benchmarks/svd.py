@@ -1,0 +1,195 @@
+"""Low-rank factorization of all-MiniLM-L6-v2's FFN (``minilm-topics``), with and without a
+distillation stage after it: fp32 vs the shipped ``svd-50`` recipe (every FFN Linear
+factorized by truncated SVD at half its weights) vs ``svd-50-distill`` (the same, then the
+factors trained towards the fp32 model's embeddings on the task's unlabelled paragraphs).
+
+Per row: parameters, MACs per example, bytes of ``model.safetensors``, latency at the task's
+batch (all rows timed alternately in one process, median of warm runs) and its speedup,
+cosine of the embeddings to the fp32 model's (mean, min) and topic 1-NN accuracy. Every
+model is saved, loaded back and measured loaded. Prints the table and the targets and
+writes ``benchmarks/results/svd.json`` and ``benchmarks/results/svd.md``.
+
+    python benchmarks/svd.py [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import (
+    Row,
+    artifact_bytes,
+    error_line,
+    fmt,
+    percent,
+    ratio,
+    row_named,
+    shipped_recipe,
+    target,
+    write_sections,
+)
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+TASK = "minilm-topics"
+FP32, SVD, SVD_DISTILL = "fp32", "svd-50", "svd-50-distill"
+ROWS = (FP32, SVD, SVD_DISTILL)
+THREADS, RUNS, WARMUP = 2, 5, 2
+SECTIONS = ("minilm",)
+
+
+# -- table and targets (pure) -----------------------------------------------------------------
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| row | params | MACs / example | model.safetensors bytes | size vs fp32 | latency ms "
+        "| speedup | cosine mean | cosine min | 1-NN | compress s | note |",
+        "|" + "---|" * 12,
+    ]
+    for r in rows:
+        cells = [
+            r["row"],
+            fmt(r.get("params"), ","),
+            fmt(r.get("macs"), ","),
+            fmt(r.get("model_bytes"), ","),
+            fmt(r.get("size_ratio"), ".3f"),
+            fmt(r.get("latency_ms"), ".1f"),
+            ratio(r.get("speedup")),
+            fmt(r.get("cosine_mean"), ".5f"),
+            fmt(r.get("cosine_min"), ".5f"),
+            percent(r.get("knn_accuracy")),
+            fmt(r.get("compress_seconds"), ".0f"),
+            r.get("error") or r.get("note", ""),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def add_comparisons(rows: list[Row]) -> None:
+    """Each row's size ratio and speedup against the fp32 row, where both are known."""
+    base = row_named(rows, FP32)
+    for r in rows:
+        r["size_ratio"] = r["speedup"] = None
+        if base.get("model_bytes") and r.get("model_bytes"):
+            r["size_ratio"] = r["model_bytes"] / base["model_bytes"]
+        if base.get("latency_ms") and r.get("latency_ms"):
+            r["speedup"] = base["latency_ms"] / r["latency_ms"]
+
+
+def targets(rows: list[Row]) -> list[Row]:
+    """svd-50 really smaller and faster than fp32; distillation raises its cosine."""
+    base, svd, dist = row_named(rows, FP32), row_named(rows, SVD), row_named(rows, SVD_DISTILL)
+    out = []
+    for key, label in (("params", "parameters"), ("macs", "MACs"), ("model_bytes", "bytes")):
+        a, b = base.get(key), svd.get(key)
+        out.append(
+            target(
+                f"{SVD} fewer {label} than fp32",
+                f"{fmt(b, ',')} vs {fmt(a, ',')}",
+                None if a is None or b is None else b < a,
+            )
+        )
+    speed = svd.get("speedup")
+    out.append(
+        target(
+            f"{SVD} faster than fp32",
+            ratio(speed),
+            None if speed is None else speed > 1.0,
+        )
+    )
+    c0, c1 = svd.get("cosine_mean"), dist.get("cosine_mean")
+    out.append(
+        target(
+            f"{SVD_DISTILL} cosine mean above {SVD}'s",
+            f"{fmt(c1, '.5f')} vs {fmt(c0, '.5f')}",
+            None if c0 is None or c1 is None else c1 > c0,
+        )
+    )
+    return out
+
+
+# -- measuring ----------------------------------------------------------------------------------
+def _build(task: Any, name: str, work: Path) -> tuple[Row, Any]:
+    import slimkit
+    from slimkit.compressed import count_params
+    from slimkit.evaluate.macs import count_macs
+
+    row: Row = {"row": name, "note": "saved + loaded"}
+    print(f"-- {TASK} {name}", flush=True)
+    try:
+        model = task.model()
+        if name != FP32:
+            start = time.perf_counter()
+            model = slimkit.compress(model, shipped_recipe(name), task=task)
+            row["compress_seconds"] = time.perf_counter() - start
+        loaded, row["model_bytes"] = artifact_bytes(model, work / name)
+        row.update(task.evaluate(loaded))
+        row["params"] = count_params(loaded)
+        row["macs"] = count_macs(loaded, task.example_inputs())
+        return row, loaded
+    except Exception as e:  # a failing row is reported, never the end of the run
+        row["error"] = error_line(e)
+        return row, None
+
+
+def minilm_section(work: Path, runs: int) -> Row:
+    import torch
+
+    from slimkit.evaluate.latency import time_alternating
+    from slimkit.tasks import get
+
+    task = get(TASK)
+    built = [_build(task, name, work) for name in ROWS]
+    timed = [(row, m) for row, m in built if m is not None]
+    load_before = os.getloadavg()[0]
+    latency = time_alternating([m for _, m in timed], task.latency_inputs(), runs, WARMUP, THREADS)
+    load = max(load_before, os.getloadavg()[0])
+    for (row, _), lat in zip(timed, latency, strict=True):
+        row["latency_ms"], row["latency"] = lat["median"], lat
+    rows = [row for row, _ in built]
+    add_comparisons(rows)
+    (distill,) = [s["distill"] for s in shipped_recipe(SVD_DISTILL)["stages"] if "distill" in s]
+    description = (
+        f"torch {torch.__version__}. {SVD}: the shipped recipe, every encoder layer's "
+        "intermediate.dense and FFN output.dense Linear as two Linear layers from its truncated "
+        f"SVD at half the layer's weights, no training. {SVD_DISTILL}: the same, then a "
+        f"distill stage (loss {distill['loss']}, {distill['embedding_kind']}, teacher "
+        f"{distill['teacher']}: the fp32 model; {distill['epochs']} epochs of Adam at "
+        f"{distill['lr']}, {distill['lr_schedule']}) on the task's unlabelled calibration "
+        "paragraphs, disjoint from the evaluation ones. Cosine: to the fp32 model's embeddings "
+        "of the evaluation paragraphs; 1-NN: leave-one-out topic accuracy. Latency: median of "
+        f"{runs} warm runs, {task.latency_description()}, {THREADS} threads, the rows timed "
+        f"alternately in one process; the 1-minute load average reached {load:.1f} on this "
+        f"{os.cpu_count()}-core machine. Bytes: model.safetensors of the saved artifact."
+    )
+    return {
+        "title": f"SVD of the FFN of all-MiniLM-L6-v2 ({TASK}), with and without distillation",
+        "description": description,
+        "rows": rows,
+        "targets": targets(rows),
+    }
+
+
+def run(argv: list[str] | None = None) -> Row:
+    from _common import format_targets
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=RUNS, help="timed runs per model")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(THREADS)
+    with tempfile.TemporaryDirectory(prefix="svd-") as tmp:
+        section = minilm_section(Path(tmp), args.runs)
+    print("\n" + table(section["rows"]) + "\n" + format_targets(section["targets"]), flush=True)
+    return write_sections(
+        RESULTS, "svd", "Low-rank factorization", {"minilm": section}, SECTIONS, {"minilm": table}
+    )
+
+
+if __name__ == "__main__":
+    run()
