@@ -179,7 +179,8 @@ def summary(result: SearchResult) -> str:
     return (
         f"nas: winner {w.genome.describe()} ({w.params:,} params, {w.macs:,} MACs, "
         f"validation accuracy {w.accuracy:.4f}) of {len(result.trials)} trials "
-        f"({result.trained} trained, {result.rejected} over the limit {result.limits.describe()} "
+        f"({result.trained} trained by this run, {len(result.trials) - result.trained} taken "
+        f"from the log; {result.rejected} drawn over the limit {result.limits.describe()}, "
         f"never trained) in {result.seconds:.1f} s"
     )
 
