@@ -55,3 +55,34 @@ def test_the_distill_recipe_is_svd_50_then_distill():
     assert both["stages"][0] == svd["stages"][0]
     assert list(both["stages"][1]) == ["distill"]
     assert both["stages"][1]["distill"]["loss"] == "embedding"
+
+
+def test_recipe_for_chains_shipped_recipes(bench):
+    chained = bench.recipe_for("tucker + distill-kd")
+    assert chained["name"] == "tucker-distill-kd"
+    assert [next(iter(s)) for s in chained["stages"]] == ["factorize", "distill"]
+    Recipe.from_dict(chained)
+    assert bench.recipe_for("tucker")["stages"][0]["factorize"]["method"] == "tucker"
+    timed = bench.recipe_for(bench.TUCKER_TIMED)
+    assert timed["stages"][0]["factorize"]["min_speedup"] == bench.MIN_SPEEDUP
+    Recipe.from_dict(timed)
+
+
+def test_resnet_targets_and_table(bench):
+    rows = [
+        {"row": "fp32", "params": 80290, "macs": 4597440, "model_bytes": 330000,
+         "latency_ms": 44.0, "accuracy": 0.9933},
+        {"row": "tucker", "params": 40000, "macs": 2500000, "model_bytes": 170000,
+         "latency_ms": 50.0, "accuracy": 0.95},
+    ]  # fmt: skip
+    bench.add_comparisons(rows)
+    checks = bench.resnet_targets(rows)
+    assert [c["met"] for c in checks] == [True, True, True, False, None]
+    assert checks[3]["figure"] == "0.88x"
+    rows.append({"row": bench.TUCKER_TIMED, "latency_ms": 40.0})
+    bench.add_comparisons(rows)
+    assert bench.resnet_targets(rows)[-1]["met"] is True
+    assert "| tucker | 40,000 | 2,500,000 | 170,000 | 0.515 | 50.00 | 0.88x | 95.00 |" in (
+        bench.resnet_table(rows)
+    )
+    assert all(c["met"] is None for c in bench.resnet_targets(rows[:1]))

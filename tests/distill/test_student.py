@@ -158,33 +158,6 @@ def test_even_layers():
     assert even_layers(12, 0.25) == [0, 4, 8]
 
 
-@pytest.fixture(scope="module")
-def tiny6(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    pytest.importorskip("transformers")
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    from tests.cli.conftest import WORDS, make_jsonl
-
-    root = tmp_path_factory.mktemp("tiny6")
-    model_dir = root / "bert6"
-    model_dir.mkdir()
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (model_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        num_hidden_layers=6,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=128,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        BertModel(config).save_pretrained(model_dir)
-    BertTokenizerFast(str(model_dir / "vocab.txt")).save_pretrained(model_dir)
-    return tasks.get("hf", model_dir=model_dir, data=make_jsonl(root / "data.jsonl"))
-
-
 def _same_block(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

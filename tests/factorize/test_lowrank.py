@@ -103,3 +103,23 @@ def test_allocation_favours_the_sensitive_layer_within_the_budget() -> None:
     ranks = lowrank.allocate_ranks(gains, costs=[10, 10], caps=[4, 4], budget=50)
     assert ranks == [4, 1]
     assert lowrank.allocate_ranks(gains, costs=[10, 10], caps=[4, 4], budget=5) == [0, 0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    c_in=st.integers(1, 12),
+    c_out=st.integers(1, 12),
+    kh=st.integers(1, 3),
+    ratio=st.floats(0.05, 0.99),
+)
+def test_ratio_ranks_always_build_a_core_of_their_shape(c_in, c_out, kh, ratio):
+    ranks = lowrank.tucker_ratio_ranks(c_in, c_out, kh * kh, ratio)
+    if ranks is None:
+        assert lowrank.tucker_params(c_in, c_out, kh * kh, 1, 1) > ratio * c_in * c_out * kh * kh
+        return
+    r_in, r_out = ranks
+    assert lowrank.tucker_params(c_in, c_out, kh * kh, r_in, r_out) <= ratio * c_in * c_out * kh**2
+    w = torch.randn(c_out, c_in, kh, kh, generator=torch.Generator().manual_seed(c_in * c_out))
+    u_out, core, u_in = lowrank.tucker2(w, r_out, r_in, iters=1)
+    assert core.shape == (r_out, r_in, kh, kh)
+    assert u_out.shape == (c_out, r_out) and u_in.shape == (c_in, r_in)

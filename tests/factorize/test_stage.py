@@ -318,3 +318,57 @@ def test_tucker_recipe_on_the_resnet_skips_grouped_and_depthwise() -> None:
     assert sum(isinstance(m, TuckerConv2d) for m in convs) == 8  # every dense conv, 1x1 too
     assert sum("grouped" in m for m in messages) == 2  # groups=4 and the depthwise conv
     assert count_params(model) < count_params(ref)
+
+
+def test_tucker_ranks_never_exceed_what_the_weight_can_hold(tmp_path: Path) -> None:
+    # a 1x1 conv 4 -> 16: the output mode's unfolding is 16 x 4, so rank_out <= 4 (a larger
+    # planned rank once built a core of another shape than its spec, and the artifact did not
+    # load back)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 16, 1), nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
+    x = torch.randn(2, 4, 5, 5)
+    compress(model, "tucker", ratio=0.9, iters=1)
+    for m in model.modules():
+        if isinstance(m, TuckerConv2d):
+            assert m.core.weight.shape[:2] == (m.rank_out, m.rank_in)
+            assert m.rank_out <= min(m.out_channels, m.in_channels)
+            assert m.rank_in <= min(m.out_channels, m.in_channels)
+    slimkit.save(model, tmp_path / "a")
+    loaded = slimkit.load(tmp_path / "a", model=nn.Sequential(
+        nn.Conv2d(4, 16, 1), nn.ReLU(), nn.Conv2d(16, 4, 1)))  # fmt: skip
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_tucker2_refuses_ranks_above_the_unfoldings() -> None:
+    with pytest.raises(ValueError, match="rank_out 9 exceeds 4"):
+        lowrank.tucker2(torch.randn(16, 4, 1, 1), rank_out=9, rank_in=4)
+
+
+# -- min_speedup ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["tucker", "spatial-svd"])
+def test_min_speedup_out_of_reach_keeps_every_layer_and_says_why(method: str) -> None:
+    model, ref = convnet(), convnet()
+    messages = compress(model, method, data=[x_conv()], ratio=0.5, min_speedup=1000.0)
+    assert not any(isinstance(m, TuckerConv2d | SpatialConv2d) for m in model.modules())
+    assert count_params(model) == count_params(ref)
+    timed = [m for m in messages if "under min_speedup 1000.0" in m]
+    assert len(timed) == 2 and all(" ms vs " in m for m in timed)
+
+
+def test_min_speedup_within_reach_swaps_what_plain_planning_swaps() -> None:
+    timed, plain = convnet(), convnet()
+    messages = compress(timed, "tucker", data=[x_conv()], ratio=0.5, min_speedup=1e-6)
+    compress(plain, "tucker", ratio=0.5)
+    kinds = [type(m).__name__ for m in timed.modules()]
+    assert kinds == [type(m).__name__ for m in plain.modules()]
+    assert sum(" ms vs " in m for m in messages) == 2
+    with torch.no_grad():
+        assert torch.allclose(timed(x_conv()), plain(x_conv()), atol=1e-5)
+
+
+def test_min_speedup_needs_inputs_and_a_positive_value() -> None:
+    with pytest.raises(DataError, match="calibration data"):
+        compress(convnet(), "tucker", ratio=0.5, min_speedup=1.0)
+    with pytest.raises(ConfigError, match=r"factorize\.tucker\.min_speedup"):
+        TuckerConfig(min_speedup=0.0)

@@ -88,8 +88,23 @@ def tucker2(
     Returns (U_out (Cout, r_out), core (r_out, r_in, kh, kw), U_in (Cin, r_in)) with
     ``w ≈ core ×0 U_out ×1 U_in``: HOSVD (leading left singular vectors of each mode's
     unfolding), then ``iters`` HOOI sweeps (each factor refit to the weight projected on
-    the other), which never increase the error.
+    the other), which never increase the error. ValueError when a rank exceeds its mode's
+    unfolding (:func:`tucker_max_ranks`).
     """
+    c_out, c_in, kh, kw = w.shape
+    k = kh * kw
+    max_in, max_out = tucker_max_ranks(c_out, c_in, k)
+    for name, rank, most in (("rank_out", rank_out, max_out), ("rank_in", rank_in, max_in)):
+        if not 1 <= rank <= most:
+            raise ValueError(
+                f"tucker2: {name} {rank} exceeds {most}, the rank of the weight's "
+                f"{tuple(w.shape)} unfolding on that mode"
+            )
+    if (rank_in, rank_out) != tucker_core_ranks(rank_in, rank_out, k):
+        raise ValueError(
+            f"tucker2: ranks (in {rank_in}, out {rank_out}) do not fit a core with a "
+            f"{k}-element kernel: each rank must be at most the other times {k}"
+        )
     w = w.detach().double()
     u_out = _leading(mode_unfold(w, 0), rank_out)
     u_in = _leading(mode_unfold(w, 1), rank_in)
@@ -110,12 +125,27 @@ def tucker_params(c_in: int, c_out: int, kernel: int, rank_in: int, rank_out: in
     return c_in * rank_in + rank_in * rank_out * kernel + rank_out * c_out
 
 
+def tucker_max_ranks(c_out: int, c_in: int, kernel: int) -> tuple[int, int]:
+    """(most r_in, most r_out): the ranks of the input and output modes' unfoldings,
+    min(Cin, Cout k) and min(Cout, Cin k); a larger rank adds nothing."""
+    return min(c_in, c_out * kernel), min(c_out, c_in * kernel)
+
+
+def tucker_core_ranks(rank_in: int, rank_out: int, kernel: int) -> tuple[int, int]:
+    """(r_in, r_out) lowered until the core (r_out, r_in, k) can have them: r_out <= r_in k
+    and r_in <= r_out k (the ranks of its own unfoldings; for a 1x1 conv r_in = r_out)."""
+    return min(rank_in, rank_out * kernel), min(rank_out, rank_in * kernel)
+
+
 def tucker_ratio_ranks(c_in: int, c_out: int, kernel: int, ratio: float) -> tuple[int, int] | None:
-    """(r_in, r_out) with r_in / Cin ≈ r_out / Cout holding the most weights within
-    ``ratio`` of the dense Cin Cout k; None when even (1, 1) exceeds it."""
+    """(r_in, r_out) with r_in / Cin ≈ r_out / Cout, each at most its mode's unfolding rank
+    (:func:`tucker_max_ranks`), holding the most weights within ``ratio`` of the dense
+    Cin Cout k; None when even (1, 1) exceeds it."""
     budget = ratio * c_in * c_out * kernel
-    pairs = {(r, min(max(round(r * c_out / c_in), 1), c_out)) for r in range(1, c_in + 1)}
-    pairs |= {(min(max(round(r * c_in / c_out), 1), c_in), r) for r in range(1, c_out + 1)}
+    max_in, max_out = tucker_max_ranks(c_out, c_in, kernel)
+    pairs = {(r, min(max(round(r * c_out / c_in), 1), max_out)) for r in range(1, max_in + 1)}
+    pairs |= {(min(max(round(r * c_in / c_out), 1), max_in), r) for r in range(1, max_out + 1)}
+    pairs = {tucker_core_ranks(*p, kernel) for p in pairs}
     fitting = [p for p in pairs if tucker_params(c_in, c_out, kernel, *p) <= budget]
     if not fitting:
         return None

@@ -17,7 +17,14 @@ k-means codebooks; integer-code layers frozen; the stored form unchanged) to mat
 - ``hints``: ``[student_layer, teacher_layer]`` pairs whose outputs (forward hooks) are
   pulled together by :func:`~slimkit.train.losses.hint_loss`, times ``hint_weight``; where
   the widths differ a projection (Linear on the last dim, 1x1 Conv2d on (B, C, H, W) maps)
-  trains with the student and is discarded afterwards.
+  trains with the student and is discarded afterwards;
+- ``attention``: ``[student_module, teacher_module]`` pairs of attention modules (BERT-like:
+  ``query`` / ``key`` / ``value`` Linear layers and a ``num_attention_heads`` attribute, e.g.
+  ``encoder.layer.0.attention.self``) whose attention probabilities, recomputed from the
+  captured query and key projections with the batch's ``attention_mask``
+  (:func:`~slimkit.train.losses.attention_probs`), are pulled together by
+  :func:`~slimkit.train.losses.attention_loss` (MSE, TinyBERT / MiniLM style), times
+  ``attention_weight``; both modules must have the same number of heads.
 
 With ``student_width`` and/or ``student_depth`` the model entering the stage is set aside
 and a new, smaller model of the task is trained instead and returned: ``task.student(width,
@@ -27,10 +34,11 @@ artifact's source names them and loading rebuilds the student's architecture. Th
 as configured (``original``: the model as it entered the recipe). ``alpha: 0`` trains the
 same student on the hard labels alone, the baseline distillation is measured against.
 
-Before any training: the hint layers must exist, and the student's output must have the
-teacher's shape on the first batch (and every hint pair fit a projection). A ``val_fraction``
-of the batches (chosen by ``seed``) is held out; after each epoch the distillation loss on it
-(without hints) is measured, the best state is kept and restored at the end, and training
+Before any training: the hint layers and attention modules must exist (attention pairs with
+equal head counts), and the student's output must have the teacher's shape on the first
+batch (and every hint pair fit a projection). A ``val_fraction`` of the batches (chosen by
+``seed``) is held out; after each epoch the distillation loss on it (without hints and
+attention terms) is measured, the best state is kept and restored at the end, and training
 stops after ``patience`` epochs without improvement. With ``checkpoint``, the student's
 state, the projections, Adam's state, the epoch and the early-stopping state are written
 after every epoch atomically to one safetensors file (its JSON metadata holds the counters;
@@ -69,7 +77,13 @@ from slimkit.quant.kmeans import Adam
 from slimkit.quant.qat import writable
 from slimkit.registry import register
 from slimkit.train.finetune import LRSchedule, lr_at, training
-from slimkit.train.losses import embedding_loss, hint_loss, kd_loss
+from slimkit.train.losses import (
+    attention_loss,
+    attention_probs,
+    embedding_loss,
+    hint_loss,
+    kd_loss,
+)
 
 ORIGINAL = "original"
 TASK = "task"
@@ -121,6 +135,8 @@ class DistillConfig(Config):
     embedding_kind: EmbeddingKind = EmbeddingKind.COSINE
     hints: tuple[tuple[str, ...], ...] = ()
     hint_weight: float = 1.0
+    attention: tuple[tuple[str, ...], ...] = ()
+    attention_weight: float = 1.0
     epochs: int = 3
     lr: float = 1e-4
     lr_schedule: LRSchedule = LRSchedule.CONSTANT
@@ -171,6 +187,11 @@ class DistillConfig(Config):
                 self.fail("hints", "a list of [student_layer, teacher_layer] name pairs")
         if not (math.isfinite(self.hint_weight) and self.hint_weight >= 0):
             self.fail("hint_weight", "a finite number >= 0")
+        for pair in self.attention:
+            if len(pair) != 2 or not all(pair):
+                self.fail("attention", "a list of [student_module, teacher_module] name pairs")
+        if not (math.isfinite(self.attention_weight) and self.attention_weight >= 0):
+            self.fail("attention_weight", "a finite number >= 0")
         if self.epochs < 1:
             self.fail("epochs", "an integer >= 1")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -219,6 +240,43 @@ def check_hint_layers(model: nn.Module, config: DistillConfig, role: str) -> Non
             raise ConfigError(
                 f"{config._where('hints')}[{i}]: the {role} has no layer {name!r}"
                 f"{did_you_mean(name, names)}"
+            )
+
+
+def check_attention_modules(model: nn.Module, config: DistillConfig, role: str) -> None:
+    """ConfigError naming the first ``attention`` module of ``role`` (student or teacher)
+    missing from ``model`` or not an attention module (query / key / value Linear layers
+    and head-count attributes)."""
+    from slimkit.prune.transformer import is_attention
+
+    modules = dict(model.named_modules())
+    names = [name for name, m in modules.items() if name and is_attention(m)]
+    column = 0 if role == "student" else 1
+    for i, pair in enumerate(config.attention):
+        name = pair[column]
+        if name not in modules or not is_attention(modules[name]):
+            what = "no module" if name not in modules else "no attention module"
+            example = f" (attention modules: {', '.join(names[:3])}, ...)" if names else ""
+            raise ConfigError(
+                f"{config._where('attention')}[{i}]: the {role} has {what} {name!r}"
+                f"{did_you_mean(name, names)}{example}"
+            )
+
+
+def attention_heads(model: nn.Module, name: str) -> int:
+    heads: Any = model.get_submodule(name).num_attention_heads
+    return int(heads)
+
+
+def check_attention_heads(model: nn.Module, teacher: nn.Module, config: DistillConfig) -> None:
+    """ConfigError naming both modules when an ``attention`` pair's head counts differ."""
+    for i, (s_name, t_name) in enumerate(config.attention):
+        s, t = attention_heads(model, s_name), attention_heads(teacher, t_name)
+        if s != t:
+            raise ConfigError(
+                f"{config._where('attention')}[{i}]: the student module {s_name!r} has {s} "
+                f"heads and the teacher module {t_name!r} {t}; attention maps are compared "
+                "head by head"
             )
 
 
@@ -355,6 +413,20 @@ def capturing(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torc
             handle.remove()
 
 
+def query_key(name: str) -> tuple[str, str]:
+    """The names of an attention module's query and key projections."""
+    return f"{name}.query", f"{name}.key"
+
+
+def maps(
+    found: dict[str, torch.Tensor], name: str, heads: int, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """(B, heads, T, T) attention probabilities of the module ``name`` from its captured
+    query and key projections of the latest forward."""
+    q, k = query_key(name)
+    return attention_probs(found[q], found[k], heads, mask)
+
+
 def outputs(output: Any, inputs: Batch, loss: DistillLoss) -> torch.Tensor:
     """What the loss compares: the first output tensor; for ``embedding`` a (B, T, H) hidden
     state of a dict batch with an ``attention_mask`` is mask-mean-pooled and L2-normalised
@@ -428,8 +500,11 @@ def distill(
         torch.manual_seed(config.seed)
         projections = nn.ModuleList([plan.build() for plan in hints])
         opt = Adam([*params, *projections.parameters()], lr=config.lr)
-        s_feats = stack.enter_context(capturing(model, [h.student for h in hints]))
-        t_feats = stack.enter_context(capturing(teacher, [h.teacher for h in hints]))
+        s_att = [qk for s_name, _ in config.attention for qk in query_key(s_name)]
+        t_att = [qk for _, t_name in config.attention for qk in query_key(t_name)]
+        s_feats = stack.enter_context(capturing(model, [h.student for h in hints] + s_att))
+        t_feats = stack.enter_context(capturing(teacher, [h.teacher for h in hints] + t_att))
+        features = bool(hints or config.attention)  # the teacher's hooks must run each step
         fingerprint = _fingerprint(model, projections, config, train_idx, val_idx)
         state = _State()
         if config.checkpoint is not None:
@@ -438,14 +513,14 @@ def distill(
         t_cache: dict[int, torch.Tensor] = {}
 
         def teacher_out(i: int) -> torch.Tensor:
-            """The teacher's output on batch ``i``: computed once when there are no hints
-            (the teacher is frozen and in eval mode), every time otherwise (the hint hooks
-            need its features)."""
+            """The teacher's output on batch ``i``: computed once when there are no hints or
+            attention pairs (the teacher is frozen and in eval mode), every time otherwise
+            (the hooks need its features)."""
             inputs = data[i][0]
-            if hints or i not in t_cache:
+            if features or i not in t_cache:
                 with torch.no_grad():
                     out = outputs(call(teacher, inputs), inputs, config.loss)
-                if hints:
+                if features:
                     return out
                 t_cache[i] = out
             return t_cache[i]
@@ -461,6 +536,18 @@ def distill(
                     for h, proj in zip(hints, projections, strict=True)
                 ]
                 loss = loss + config.hint_weight * torch.stack(terms).mean()
+            if with_hints and config.attention and config.attention_weight > 0:
+                mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+                s_maps = [
+                    maps(s_feats, name, attention_heads(model, name), mask)
+                    for name, _ in config.attention
+                ]
+                t_maps = [
+                    maps(t_feats, name, attention_heads(teacher, name), mask)
+                    for _, name in config.attention
+                ]
+                att = attention_loss(s_maps, t_maps, layer_map=range(len(s_maps)))
+                loss = loss + config.attention_weight * att
             return loss
 
         updates = config.epochs * len(train_idx)
@@ -667,10 +754,13 @@ def apply_distill(model: nn.Module, config: DistillConfig, ctx: Context) -> nn.M
     if config.has_student:
         model = build_student(config, ctx)
     check_hint_layers(model, config, "student")
+    check_attention_modules(model, config, "student")
     teacher = resolve_teacher(config, ctx)
     if teacher is model:
         raise ModelError("distill: the teacher is the student itself")
     check_hint_layers(teacher, config, "teacher")
+    check_attention_modules(teacher, config, "teacher")
+    check_attention_heads(model, teacher, config)
     items = training_items(model, teacher, config, ctx)
     plans = check_shapes(model, teacher, items[0], config)
     history = distill(model, teacher, items, config, plans, report=ctx.report)

@@ -7,6 +7,7 @@ treated as a constant (detached). Shapes are given per function; a mismatch rais
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -98,6 +99,27 @@ def attention_loss(
         _same_shape("attention_loss", s, t)
         terms.append(F.mse_loss(s, t.detach()))
     return torch.stack(terms).mean()
+
+
+def attention_probs(
+    query: torch.Tensor, key: torch.Tensor, heads: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, heads, T, T) attention probabilities ``softmax(q kᵀ / sqrt(d))`` per head from
+    (B, T, heads * d) query and key projections; ``mask`` (B, T), 1 for real tokens, gives
+    padded keys zero probability (every row keeps at least one key: the mask's real ones)."""
+    b, t, width = query.shape
+    if width % heads or key.shape != query.shape:
+        raise ValueError(
+            f"attention_probs: query {tuple(query.shape)} and key {tuple(key.shape)} do not "
+            f"split into {heads} heads"
+        )
+    d = width // heads
+    q = query.reshape(b, t, heads, d).transpose(1, 2)  # (B, H, T, d)
+    k = key.reshape(b, t, heads, d).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d)  # (B, H, T, T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
+    return scores.softmax(dim=-1)
 
 
 def embedding_loss(
