@@ -265,3 +265,30 @@ def test_digits_resnet_zero_channels_are_removed_losslessly() -> None:
     assert model.block2.conv2[0].groups == 4  # the grouped conv stays grouped
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
+def test_concatenated_branches_are_pruned_alike() -> None:
+    # the two parts of a concatenation each keep the same share of their channels (ranked
+    # within the part), as peers do; a residual sum is still ranked as one set
+    class Cat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(3, 16, 3, padding=1)
+            self.head = nn.Conv2d(24, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.cat([self.a(x), self.b(x)], dim=1))
+
+    torch.manual_seed(0)
+    model = Cat().eval()
+    with torch.no_grad():  # branch a: 2 strong channels and 6 weak ones; b: all alike
+        model.a.weight[2:].mul_(1e-3)
+    x = torch.randn(2, 3, 6, 6)
+    slimkit.compress(
+        model,
+        {"name": "s", "stages": [{"prune": {"method": "structured", "ratio": 0.5}}]},
+        data=[x],
+    )
+    assert (model.a.out_channels, model.b.out_channels) == (4, 8)
+    assert model.head.in_channels == 12

@@ -86,11 +86,17 @@ def _lowest(classes: list[int], score: dict[int, float], k: int) -> list[int]:
 def removed_classes(
     group: Group, score: dict[int, float], config: StructuredConfig
 ) -> tuple[set[int], str | None]:
-    """The classes to remove, and a warning when the group must stay whole."""
+    """The classes to remove, and a warning when the group must stay whole.
+
+    The ratio applies within each bucket of classes that share their conv group in every
+    grouped site and their producers: the parts of a concatenation are pruned alike (each
+    branch keeps the same share), the channels of a residual sum all together."""
     even = [s for s in group.sites if s.groups > 1]
+    producers = [s for s in group.sites if s.role == "out"]
     buckets: dict[tuple[int, ...], list[int]] = {}
-    for r in group.classes:  # a class's conv group in each even site
+    for r in group.classes:  # a class's conv group in each even site, and who produces it
         key = tuple(_group_of(s, r) for s in even)
+        key += tuple(i for i, s in enumerate(producers) if r in s.roots)
         buckets.setdefault(key, []).append(r)
     floor = max(1, math.ceil(config.min_channels / len(buckets)))
     removed: set[int] = set()
