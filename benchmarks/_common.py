@@ -124,3 +124,29 @@ def artifact_bytes(model: Any, path: Path) -> tuple[Any, int]:
     loaded = slimkit.load(saved)
     shutil.rmtree(saved)
     return loaded, size
+
+
+# -- markdown tables (pure) -------------------------------------------------------------------
+def markdown_table(header: str, body: Sequence[Sequence[str]]) -> str:
+    """``header`` (``| a | b |``), its ``|---|---|`` rule and one line per row of cells."""
+    rule = "|" + "---|" * (header.count("|") - 1)
+    lines = [header, rule, *("| " + " | ".join(cells) + " |" for cells in body)]
+    return "\n".join(lines) + "\n"
+
+
+# -- timing -----------------------------------------------------------------------------------
+def time_rows(
+    timed: Sequence[tuple[Row, Any]], inputs: Any, runs: int, warmup: int, threads: int
+) -> float:
+    """Time the models of ``timed`` alternately in one process (``time_alternating``) and
+    put each one's median (``latency_ms``) and summary (``latency``) into its row; returns
+    the highest 1-minute load average seen, to report beside the figures."""
+    import os
+
+    from slimkit.evaluate.latency import time_alternating
+
+    load_before = os.getloadavg()[0]
+    latency = time_alternating([m for _, m in timed], inputs, runs, warmup, threads)
+    for (row, _), lat in zip(timed, latency, strict=True):
+        row["latency_ms"], row["latency"] = lat["median"], lat
+    return max(load_before, os.getloadavg()[0])

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import drop_points, error_line, fmt, format_targets, target
+from _common import drop_points, error_line, fmt, format_targets, markdown_table, target
 
 from slimkit.io.atomic import write_text
 
@@ -36,11 +36,11 @@ THREADS = 2
 
 # -- tables and targets (pure) ----------------------------------------------------------------
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = [
+    header = (
         "| task | variant | after stage | model.safetensors bytes | x smaller than fp32 "
-        "| slimkit.json bytes | accuracy | drop (points) | stage s | note |",
-        "|" + "---|" * 10,
-    ]
+        "| slimkit.json bytes | accuracy | drop (points) | stage s | note |"
+    )
+    body = []
     for r in rows:
         acc = r.get("accuracy")
         cells = [
@@ -55,8 +55,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             fmt(r.get("seconds"), ".1f"),
             r.get("error", ""),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(cells)
+    return markdown_table(header, body)
 
 
 def _final(rows: list[dict[str, Any]], task: str, variant: str) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from _common import (
     error_line,
     fmt,
     format_targets,
+    markdown_table,
     merge_sections,
     percent,
     ratio,
@@ -43,6 +44,7 @@ from _common import (
     row_named,
     shipped_recipe,
     target,
+    time_rows,
     write_sections,
 )
 
@@ -97,10 +99,8 @@ def add_comparisons(rows: list[dict[str, Any]], base: dict[str, Any]) -> None:
 
 
 def lenet_table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| row | params | vs teacher | accuracy per seed | mean | std | min | max | note |",
-        "|" + "---|" * 9,
-    ]
+    header = "| row | params | vs teacher | accuracy per seed | mean | std | min | max | note |"
+    body = []
     for r in rows:
         per_seed = " / ".join(percent(a) for a in r.get("accuracies") or [])
         cells = [
@@ -114,16 +114,16 @@ def lenet_table(rows: list[dict[str, Any]]) -> str:
             percent(r.get("max")),
             r.get("error") or r.get("note", ""),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(cells)
+    return markdown_table(header, body)
 
 
 def minilm_table(rows: list[dict[str, Any]]) -> str:
-    lines = [
+    header = (
         "| row | layers | params | vs teacher | cosine mean | cosine min | 1-NN | latency ms "
-        "| speedup | note |",
-        "|" + "---|" * 10,
-    ]
+        "| speedup | note |"
+    )
+    body = []
     for r in rows:
         cells = [
             r["row"],
@@ -137,8 +137,8 @@ def minilm_table(rows: list[dict[str, Any]]) -> str:
             ratio(r.get("speedup")),
             r.get("error") or r.get("note", ""),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(cells)
+    return markdown_table(header, body)
 
 
 def lenet_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -267,7 +267,6 @@ def minilm_section(work: Path) -> dict[str, Any]:
 
     import slimkit
     from slimkit.compressed import count_params
-    from slimkit.evaluate.latency import time_alternating
     from slimkit.pipeline import set_info
     from slimkit.tasks import get
 
@@ -307,11 +306,7 @@ def minilm_section(work: Path) -> dict[str, Any]:
             row["error"] = error_line(e)
             built.append((row, None))
     timed = [(row, m) for row, m in built if m is not None]
-    load_before = os.getloadavg()[0]
-    latency = time_alternating([m for _, m in timed], task.latency_inputs(), RUNS, WARMUP, THREADS)
-    load = max(load_before, os.getloadavg()[0])
-    for (row, _), lat in zip(timed, latency, strict=True):
-        row["latency_ms"], row["latency"] = lat["median"], lat
+    load = time_rows(timed, task.latency_inputs(), RUNS, WARMUP, THREADS)
     rows = [row for row, _ in built]
     add_comparisons(rows, row_named(rows, "teacher (fp32)"))
     description = (

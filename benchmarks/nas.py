@@ -17,7 +17,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import drop_points, fmt, format_targets, percent, round_trip, shipped_recipe, target
+from _common import (
+    drop_points,
+    fmt,
+    format_targets,
+    markdown_table,
+    percent,
+    round_trip,
+    shipped_recipe,
+    target,
+)
 
 from slimkit.io.atomic import write_text
 
@@ -31,11 +40,11 @@ RATIO, DROP, WALL = 0.25, 1.0, 600.0  # params fraction, accuracy points, second
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = [
+    header = (
         "| row | architecture | params | ratio | MACs / example | test accuracy | drop (points) "
-        "| trials | wall (s) |",
-        "|" + "---|" * 9,
-    ]
+        "| trials | wall (s) |"
+    )
+    body = []
     for r in rows:
         cells = [
             r["row"],
@@ -48,8 +57,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             fmt(r.get("trials"), "d"),
             fmt(r.get("seconds"), ".1f"),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(cells)
+    return markdown_table(header, body)
 
 
 def targets(base: dict[str, Any], ours: dict[str, Any]) -> list[dict[str, Any]]:

@@ -34,6 +34,7 @@ from _common import (
     error_line,
     fmt,
     format_targets,
+    markdown_table,
     percent,
     row_named,
     shipped_recipe,
@@ -80,11 +81,11 @@ def family_recipes(combined: Row, student: Row) -> list[tuple[str, str, Row]]:
 
 # -- table and targets (pure) -----------------------------------------------------------------
 def table(rows: list[Row]) -> str:
-    lines = [
+    header = (
         "| row | family | setting | model.safetensors bytes | x smaller than fp32 | accuracy "
-        "| drop (points) | seconds | note |",
-        "|" + "---|" * 9,
-    ]
+        "| drop (points) | seconds | note |"
+    )
+    body = []
     for r in rows:
         cells = [
             r["row"],
@@ -97,8 +98,8 @@ def table(rows: list[Row]) -> str:
             fmt(r.get("seconds"), ".1f"),
             r.get("error") or r.get("note", ""),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(cells)
+    return markdown_table(header, body)
 
 
 def add_comparisons(rows: list[Row]) -> None:

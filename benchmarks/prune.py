@@ -37,6 +37,7 @@ from _common import (
     error_line,
     fmt,
     format_targets,
+    markdown_table,
     merge_sections,
     percent,
     ratio,
@@ -45,6 +46,7 @@ from _common import (
     row_named,
     shipped_recipe,
     target,
+    time_rows,
 )
 
 from slimkit.io.atomic import write_text
@@ -91,11 +93,11 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def resnet_table(rows: list[dict[str, Any]]) -> str:
-    lines = [
+    header = (
         "| row | params | MACs / example | latency ms (median) | speedup | accuracy | "
-        "drop (points) | note |",
-        "|" + "---|" * 8,
-    ]
+        "drop (points) | note |"
+    )
+    body = []
     for r in rows:
         cells = [
             r["row"],
@@ -107,16 +109,16 @@ def resnet_table(rows: list[dict[str, Any]]) -> str:
             fmt(r.get("drop"), "+.2f"),
             r.get("error") or r.get("note", ""),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(cells)
+    return markdown_table(header, body)
 
 
 def heads_table(rows: list[dict[str, Any]]) -> str:
-    lines = [
+    header = (
         "| row | params | MACs / example | bytes on disk | latency ms | speedup | cos mean "
-        "| cos min | 1-NN | prune s | note |",
-        "|" + "---|" * 11,
-    ]
+        "| cos min | 1-NN | prune s | note |"
+    )
+    body = []
     for r in rows:
         cells = [
             r["row"],
@@ -131,8 +133,8 @@ def heads_table(rows: list[dict[str, Any]]) -> str:
             fmt(r.get("seconds"), ".1f"),
             r.get("error") or r.get("note", ""),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(cells)
+    return markdown_table(header, body)
 
 
 def heads_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -155,10 +157,8 @@ def heads_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def lenet_table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| task | row | accuracy | drop (points) | model.safetensors bytes | vs fp32 | note |",
-        "|" + "---|" * 7,
-    ]
+    header = "| task | row | accuracy | drop (points) | model.safetensors bytes | vs fp32 | note |"
+    body = []
     for r in rows:
         cells = [
             r["task"],
@@ -169,8 +169,8 @@ def lenet_table(rows: list[dict[str, Any]]) -> str:
             fmt(r.get("size_ratio"), ".3f") + ("x" if r.get("size_ratio") is not None else ""),
             r.get("error") or r.get("note", ""),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(cells)
+    return markdown_table(header, body)
 
 
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -362,7 +362,6 @@ def heads_section(work: Path, only: list[str] | None) -> dict[str, Any]:
 
     import slimkit
     from slimkit.compressed import count_params
-    from slimkit.evaluate.latency import time_alternating
     from slimkit.evaluate.macs import count_macs
     from slimkit.tasks import get
 
@@ -390,11 +389,7 @@ def heads_section(work: Path, only: list[str] | None) -> dict[str, Any]:
             built.append((row, None))
     timed = [(row, m) for row, m in built if m is not None]
     inputs = task.latency_inputs()
-    load_before = os.getloadavg()[0]
-    latency = time_alternating([m for _, m in timed], inputs, HEADS_RUNS, 2, THREADS)
-    load = max(load_before, os.getloadavg()[0])
-    for (row, _), lat in zip(timed, latency, strict=True):
-        row["latency_ms"], row["latency"] = lat["median"], lat
+    load = time_rows(timed, inputs, HEADS_RUNS, 2, THREADS)
     rows = [row for row, _ in built]
     add_comparisons(rows, _row(rows, "fp32"))
     description = (
@@ -492,7 +487,6 @@ def resnet_section(work: Path, only: list[str] | None) -> dict[str, Any]:
     import torch
 
     from slimkit.compressed import count_params
-    from slimkit.evaluate.latency import time_alternating
     from slimkit.evaluate.macs import count_macs
     from slimkit.tasks import get
 
@@ -511,11 +505,7 @@ def resnet_section(work: Path, only: list[str] | None) -> dict[str, Any]:
             continue
         timed.append((row, model))
     inputs = task.latency_inputs(LATENCY_BATCH)
-    load_before = os.getloadavg()[0]
-    latency = time_alternating([m for _, m in timed], inputs, RUNS, WARMUP, THREADS)
-    load = max(load_before, os.getloadavg()[0])
-    for (row, _), lat in zip(timed, latency, strict=True):
-        row["latency_ms"], row["latency"] = lat["median"], lat
+    load = time_rows(timed, inputs, RUNS, WARMUP, THREADS)
     rows = [row for row, _ in built]
     add_comparisons(rows, _row(rows, "fp32"))
     description = (

@@ -30,6 +30,7 @@ from _common import (  # noqa: E402
     error_line,
     fmt,
     format_targets,
+    markdown_table,
     percent,
     shipped_recipe,
     target,
@@ -82,29 +83,25 @@ def table(rows: list[dict[str, Any]]) -> str:
         "| task | row | accuracy | drop (points) | cross-entropy | artifact bytes | "
         "model.safetensors bytes | vs fp32 | compress s | simulated | note |"
     )
-    lines = [head, "|" + "---|" * 11]
+    body = []
     for r in rows:
         simulated = "-" if r.get("simulated") is None else ("yes" if r["simulated"] else "no")
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    r["task"],
-                    r["row"],
-                    percent(r.get("accuracy")),
-                    fmt(r.get("drop"), "+.2f"),
-                    fmt(r.get("cross_entropy"), ".4f"),
-                    fmt(r.get("size_bytes"), ","),
-                    fmt(r.get("model_bytes"), ","),
-                    fmt(r.get("size_ratio"), ".3f") + ("x" if r.get("size_ratio") else ""),
-                    fmt(r.get("seconds"), ".1f"),
-                    simulated,
-                    r.get("error") or r.get("note", ""),
-                ]
-            )
-            + " |"
+        body.append(
+            [
+                r["task"],
+                r["row"],
+                percent(r.get("accuracy")),
+                fmt(r.get("drop"), "+.2f"),
+                fmt(r.get("cross_entropy"), ".4f"),
+                fmt(r.get("size_bytes"), ","),
+                fmt(r.get("model_bytes"), ","),
+                fmt(r.get("size_ratio"), ".3f") + ("x" if r.get("size_ratio") else ""),
+                fmt(r.get("seconds"), ".1f"),
+                simulated,
+                r.get("error") or r.get("note", ""),
+            ]
         )
-    return "\n".join(lines) + "\n"
+    return markdown_table(head, body)
 
 
 def _find(rows: list[dict[str, Any]], task: str, name: str) -> dict[str, Any] | None:

@@ -33,7 +33,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from _common import format_targets, shipped_recipe, target
+from _common import format_targets, markdown_table, shipped_recipe, target
 
 from slimkit.io.atomic import write_text
 
@@ -193,10 +193,9 @@ def _gemm_text(gemm: dict[str, Any] | None) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], setup: dict[str, Any]) -> str:
-    head = "| " + " | ".join(COLUMNS) + " |\n" + "|---" * len(COLUMNS) + "|\n"
-    body = "".join("| " + " | ".join(table_row(r)) + " |\n" for r in rows)
+    table = markdown_table("| " + " | ".join(COLUMNS) + " |", [table_row(r) for r in rows])
     title = "# Quantization of all-MiniLM-L6-v2: slimkit and peers"
-    return f"{title}\n\n{describe_setup(setup)}\n\n{head}{body}"
+    return f"{title}\n\n{describe_setup(setup)}\n\n{table}"
 
 
 # -- targets (pure) ----------------------------------------------------------------------

@@ -22,6 +22,7 @@ from _common import (
     error_line,
     fmt,
     format_targets,
+    markdown_table,
     percent,
     ratio,
     round_trip,
@@ -44,11 +45,11 @@ FEWER_CONV, DROP = 3.0, 1.0  # x fewer conv parameters, accuracy points
 
 # -- tables and targets (pure) ------------------------------------------------------------
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = [
+    header = (
         "| row | conv params | vs fp32 | params | MACs / example | mean fit error | accuracy "
-        "| drop (points) | note |",
-        "|" + "---|" * 9,
-    ]
+        "| drop (points) | note |"
+    )
+    body = []
     for r in rows:
         cells = [
             r["row"],
@@ -61,8 +62,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             fmt(r.get("drop"), "+.2f"),
             r.get("error") or r.get("note", ""),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(cells)
+    return markdown_table(header, body)
 
 
 def add_comparisons(rows: list[dict[str, Any]], base: dict[str, Any]) -> None:

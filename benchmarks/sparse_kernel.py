@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import fmt, ratio
+from _common import fmt, markdown_table, ratio
 from torch import nn
 
 from slimkit.io.atomic import write_text
@@ -56,11 +56,11 @@ def _ratio(num: float | None, den: float | None) -> str:
 
 
 def layer_table(rows: list[dict[str, Any]]) -> str:
-    lines = [
+    header = (
         "| shape (out x in) | density | batch | dense ms | csr ms | auto ms | auto choice | "
-        "csr speedup |",
-        "|" + "---|" * 8,
-    ]
+        "csr speedup |"
+    )
+    body = []
     for r in rows:
         cells = [
             r["shape"],
@@ -72,16 +72,16 @@ def layer_table(rows: list[dict[str, Any]]) -> str:
             r.get("auto_choice", "-"),
             _ratio(r.get("dense_ms"), r.get("csr_ms")),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(cells)
+    return markdown_table(header, body)
 
 
 def model_table(rows: list[dict[str, Any]]) -> str:
-    lines = [
+    header = (
         "| model | density | batch | fp32 ms | dense ms | csr ms | auto ms | auto choice | "
-        "dense / csr / auto speedup vs fp32 |",
-        "|" + "---|" * 9,
-    ]
+        "dense / csr / auto speedup vs fp32 |"
+    )
+    body = []
     for r in rows:
         base = r.get("fp32_ms")
         speedups = " / ".join(_ratio(base, r.get(f"{k}_ms")) for k in KERNELS)
@@ -96,8 +96,8 @@ def model_table(rows: list[dict[str, Any]]) -> str:
             r.get("auto_choice", "-"),
             speedups,
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(cells)
+    return markdown_table(header, body)
 
 
 def render(results: dict[str, Any]) -> str:

@@ -33,11 +33,13 @@ from _common import (
     drop_points,
     error_line,
     fmt,
+    markdown_table,
     percent,
     ratio,
     row_named,
     shipped_recipe,
     target,
+    time_rows,
     write_sections,
 )
 
@@ -59,11 +61,11 @@ SECTIONS = ("minilm", "resnet")
 
 # -- table and targets (pure) -----------------------------------------------------------------
 def table(rows: list[Row]) -> str:
-    lines = [
+    header = (
         "| row | params | MACs / example | model.safetensors bytes | size vs fp32 | latency ms "
-        "| speedup | cosine mean | cosine min | 1-NN | compress s | note |",
-        "|" + "---|" * 12,
-    ]
+        "| speedup | cosine mean | cosine min | 1-NN | compress s | note |"
+    )
+    body = []
     for r in rows:
         cells = [
             r["row"],
@@ -79,8 +81,8 @@ def table(rows: list[Row]) -> str:
             fmt(r.get("compress_seconds"), ".0f"),
             r.get("error") or r.get("note", ""),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(cells)
+    return markdown_table(header, body)
 
 
 def add_comparisons(rows: list[Row]) -> None:
@@ -127,11 +129,11 @@ def targets(rows: list[Row]) -> list[Row]:
 
 
 def resnet_table(rows: list[Row]) -> str:
-    lines = [
+    header = (
         "| row | params | MACs / example | model.safetensors bytes | size vs fp32 | latency ms "
-        "| speedup | accuracy | drop (points) | compress s | note |",
-        "|" + "---|" * 11,
-    ]
+        "| speedup | accuracy | drop (points) | compress s | note |"
+    )
+    body = []
     for r in rows:
         cells = [
             r["row"],
@@ -146,8 +148,8 @@ def resnet_table(rows: list[Row]) -> str:
             fmt(r.get("compress_seconds"), ".0f"),
             r.get("error") or r.get("note", ""),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(cells)
+    return markdown_table(header, body)
 
 
 def resnet_targets(rows: list[Row]) -> list[Row]:
@@ -212,15 +214,10 @@ def _timed_rows(
 ) -> tuple[list[Row], float]:
     """Build, save, reload and evaluate every row, then time the models alternately; the
     rows and the highest 1-minute load average seen."""
-    from slimkit.evaluate.latency import time_alternating
 
     built = [_build(task, name, work) for name in names]
     timed = [(row, m) for row, m in built if m is not None]
-    load_before = os.getloadavg()[0]
-    latency = time_alternating([m for _, m in timed], task.latency_inputs(), runs, WARMUP, THREADS)
-    load = max(load_before, os.getloadavg()[0])
-    for (row, _), lat in zip(timed, latency, strict=True):
-        row["latency_ms"], row["latency"] = lat["median"], lat
+    load = time_rows(timed, task.latency_inputs(), runs, WARMUP, THREADS)
     rows = [row for row, _ in built]
     add_comparisons(rows)
     return rows, load

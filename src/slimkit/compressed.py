@@ -57,6 +57,17 @@ class CompressedModule(nn.Module):
         raise NotImplementedError
 
 
+class ComposedModule(CompressedModule):
+    """A compressed layer made of standard float layers (factorized, depthwise-separable):
+    ``count_params`` counts its children's parameters module by module, so ``n_params``
+    adds nothing, and training stages update the children in place."""
+
+    trains_children: ClassVar[bool] = True
+
+    def n_params(self) -> int:
+        return 0  # the children's parameters are counted as theirs
+
+
 def compressed_module(cls: M) -> M:
     """Class decorator: make ``cls`` rebuildable from an artifact by its name."""
     _MODULES[cls.__name__] = cls

@@ -12,22 +12,25 @@ WORDS = (  # noqa: SIM905
 ).split()
 
 
-def make_tiny_bert(root: Path) -> Path:
-    """A 2-layer, 32-wide random BERT with its tokenizer, saved as a HF directory."""
+def make_tiny_bert(
+    root: Path, layers: int = 2, hidden: int = 32, intermediate: int = 64, name: str = "tiny-bert"
+) -> Path:
+    """A random BERT (``layers`` x ``hidden`` wide, 2 heads, seed 0) with its tokenizer,
+    saved as a HF directory ``root/name``."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    model_dir = root / "tiny-bert"
+    model_dir = root / name
     model_dir.mkdir()
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (model_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
         num_attention_heads=2,
-        intermediate_size=64,
+        intermediate_size=intermediate,
         max_position_embeddings=128,
     )
     BertModel(config).save_pretrained(model_dir)

@@ -34,13 +34,13 @@ import dataclasses
 import enum
 import functools
 import math
-from collections.abc import Callable
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from slimkit.compressed import CompressedModule, ConvGeometry, compressed_module, conv_args
+from slimkit.compressed import ComposedModule, ConvGeometry, compressed_module, conv_args
 from slimkit.config import StageConfig
 from slimkit.errors import ConfigError
 from slimkit.factorize import lowrank
@@ -57,19 +57,30 @@ def _param(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
     )
 
 
+F = TypeVar("F", bound=ComposedModule)
+
+
+def _filled(
+    new: F, m: nn.Linear | nn.Conv2d, factors: Sequence[tuple[nn.Module, torch.Tensor]],
+    biased: nn.Module,
+) -> F:  # fmt: skip
+    """``new`` with each child's weight set to its factor (``m``'s dtype, device and
+    requires_grad) and ``m``'s bias on the ``biased`` child, in ``m``'s training mode."""
+    for child, factor in factors:
+        child.weight = _param(factor, m.weight)
+    if m.bias is not None:
+        biased.bias = _param(m.bias, m.bias)
+    return new.train(m.training)
+
+
 def _pct(new: int, old: int) -> str:
     return f"{100.0 * new / max(old, 1):.0f}% of the dense weights"
 
 
 # -- layers ----------------------------------------------------------------------------------
 @compressed_module
-class LowRankLinear(CompressedModule):
-    """``second(first(x))``: Linear in -> rank (no bias), Linear rank -> out (the bias).
-
-    The children are standard layers whose parameters ``count_params`` counts, so
-    ``n_params`` adds nothing; training stages update them in place."""
-
-    trains_children: ClassVar[bool] = True
+class LowRankLinear(ComposedModule):
+    """``second(first(x))``: Linear in -> rank (no bias), Linear rank -> out (the bias)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
         super().__init__()
@@ -81,11 +92,7 @@ class LowRankLinear(CompressedModule):
     def from_linear(cls, m: nn.Linear, rank: int) -> LowRankLinear:
         b, a = lowrank.truncate(m.weight, rank)  # (out, r), (r, in)
         new = cls(m.in_features, m.out_features, rank, bias=m.bias is not None)
-        new.first.weight = _param(a, m.weight)
-        new.second.weight = _param(b, m.weight)
-        if m.bias is not None:
-            new.second.bias = _param(m.bias, m.bias)
-        return new.train(m.training)
+        return _filled(new, m, [(new.first, a), (new.second, b)], new.second)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))  # type: ignore[no-any-return]
@@ -97,9 +104,6 @@ class LowRankLinear(CompressedModule):
             "rank": self.rank,
             "bias": self.second.bias is not None,
         }
-
-    def n_params(self) -> int:
-        return 0  # the children's parameters are counted as theirs
 
     def dense_weight(self) -> torch.Tensor:
         return self.second.weight @ self.first.weight
@@ -119,11 +123,9 @@ def _geometry(m: nn.Conv2d) -> dict[str, Any]:
     return args
 
 
-class _FactorizedConv(CompressedModule, ConvGeometry):
+class _FactorizedConv(ComposedModule, ConvGeometry):
     """Shape arguments of the original conv (groups 1, zero padding), kept for the spec; the
-    children are standard convolutions that training stages update in place."""
-
-    trains_children: ClassVar[bool] = True
+    children are standard convolutions."""
 
     def _init_conv(
         self,
@@ -144,9 +146,6 @@ class _FactorizedConv(CompressedModule, ConvGeometry):
     def dense_params(self) -> int:
         kh, kw = self.kernel_size
         return self.in_channels * self.out_channels * kh * kw
-
-    def n_params(self) -> int:
-        return 0  # the children's parameters are counted as theirs
 
 
 @compressed_module
@@ -181,12 +180,12 @@ class TuckerConv2d(_FactorizedConv):
     def from_conv(cls, m: nn.Conv2d, rank_in: int, rank_out: int, iters: int) -> TuckerConv2d:
         u_out, core, u_in = lowrank.tucker2(m.weight, rank_out, rank_in, iters)
         new = cls(**_geometry(m), rank_in=rank_in, rank_out=rank_out, bias=m.bias is not None)
-        new.project_in.weight = _param(u_in.T[:, :, None, None], m.weight)
-        new.core.weight = _param(core, m.weight)
-        new.project_out.weight = _param(u_out[:, :, None, None], m.weight)
-        if m.bias is not None:
-            new.project_out.bias = _param(m.bias, m.bias)
-        return new.train(m.training)
+        factors = [
+            (new.project_in, u_in.T[:, :, None, None]),
+            (new.core, core),
+            (new.project_out, u_out[:, :, None, None]),
+        ]
+        return _filled(new, m, factors, new.project_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.project_out(self.core(self.project_in(x)))  # type: ignore[no-any-return]
@@ -248,11 +247,8 @@ class SpatialConv2d(_FactorizedConv):
     def from_conv(cls, m: nn.Conv2d, rank: int) -> SpatialConv2d:
         vertical, horizontal = lowrank.spatial_svd(m.weight, rank)
         new = cls(**_geometry(m), rank=rank, bias=m.bias is not None)
-        new.vertical.weight = _param(vertical, m.weight)
-        new.horizontal.weight = _param(horizontal, m.weight)
-        if m.bias is not None:
-            new.horizontal.bias = _param(m.bias, m.bias)
-        return new.train(m.training)
+        factors = [(new.vertical, vertical), (new.horizontal, horizontal)]
+        return _filled(new, m, factors, new.horizontal)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.horizontal(self.vertical(x))  # type: ignore[no-any-return]

@@ -19,12 +19,12 @@ of any other layer.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from slimkit.compressed import CompressedModule, ConvGeometry, compressed_module, conv_args
+from slimkit.compressed import ComposedModule, ConvGeometry, compressed_module, conv_args
 from slimkit.config import StageConfig
 from slimkit.pipeline import Context
 from slimkit.registry import register
@@ -33,14 +33,10 @@ from slimkit.separable.fit import compose, separable_fit, separable_params
 
 
 @compressed_module
-class SeparableConv2d(CompressedModule, ConvGeometry):
+class SeparableConv2d(ComposedModule, ConvGeometry):
     """A depthwise convolution (``in_channels * depth_multiplier`` filters, groups =
     ``in_channels``, no bias) then a pointwise 1x1 convolution to ``out_channels`` (with the
     original bias), standing for a standard ``Conv2d`` of the same geometry."""
-
-    #: its weights are plain float parameters of standard children: training them keeps the
-    #: stored form (a hint for trainers that otherwise freeze compressed layers)
-    trains_children: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -112,11 +108,6 @@ class SeparableConv2d(CompressedModule, ConvGeometry):
             "bias": self.pointwise.bias is not None,
             "fit_error": self.fit_error,
         }
-
-    def n_params(self) -> int:
-        # the weights are parameters of the two nn.Conv2d children, which count_params
-        # counts module by module: counting them here too would count them twice
-        return 0
 
     def weights(self) -> int:
         """Weights of the depthwise and pointwise kernels (bias not counted)."""
