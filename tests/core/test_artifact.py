@@ -21,6 +21,7 @@ import slimkit
 from slimkit import compressed, pipeline
 from slimkit.errors import ArtifactError, ModelError
 from slimkit.io import artifact
+from slimkit.io import save as artifact_save
 from slimkit.prune.sparse import SparseConv2d, SparseLinear
 from slimkit.quant.modules import QuantConv2d, QuantEmbedding, QuantLinear
 
@@ -610,7 +611,7 @@ def test_failed_overwrite_keeps_old_artifact(
     y = out(net)
     before = snapshot(saved)
     parent_before = sorted(os.listdir(saved.parent))
-    monkeypatch.setattr(artifact, "_write_stage", _fail_midway)
+    monkeypatch.setattr(artifact_save, "_write_stage", _fail_midway)
     with pytest.raises(OSError, match="disk full"):
         slimkit.save(fresh_net(), saved, overwrite=True)
     assert snapshot(saved) == before
@@ -628,7 +629,7 @@ def test_failed_weights_write_keeps_old_artifact(
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("serialization failed")
 
-    monkeypatch.setattr(artifact, "save_model", broken)
+    monkeypatch.setattr(artifact_save, "save_model", broken)
     with pytest.raises(RuntimeError, match="serialization failed"):
         slimkit.save(fresh_net(), saved, overwrite=True)
     assert snapshot(saved) == before
@@ -640,7 +641,7 @@ def test_failed_weights_write_keeps_old_artifact(
 def test_failed_first_save_leaves_nothing(
     net: Net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(artifact, "_write_stage", _fail_midway)
+    monkeypatch.setattr(artifact_save, "_write_stage", _fail_midway)
     with pytest.raises(OSError):
         slimkit.save(net, tmp_path / "new")
     assert os.listdir(tmp_path) == []
