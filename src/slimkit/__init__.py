@@ -6,6 +6,7 @@ Public verbs: ``compress``, ``save``, ``load``, ``evaluate``; tasks via ``slimki
 from slimkit._version import __version__
 from slimkit.api import compress, evaluate, load, save
 from slimkit.config import Config, Granularity, Scope, StageConfig
+from slimkit.constructible import register_constructible
 from slimkit.errors import SlimkitError
 from slimkit.recipe import Recipe
 from slimkit.registry import register
@@ -22,6 +23,7 @@ __all__ = [
     "evaluate",
     "load",
     "register",
+    "register_constructible",
     "save",
 ]
 

@@ -1,14 +1,25 @@
 """Command line: ``slimkit tasks | compress | eval | demo | search``.
 
-Exit codes: 0 ok; 2 bad input or usage (one clear line, no traceback); 1 internal error.
+Exit codes: 0 ok; 2 bad input or usage (one clear line, no traceback); 1 internal error;
+128 + the signal's number when interrupted (130 for Ctrl-C, 143 for SIGTERM).
+
+``compress`` builds its whole output directory (the artifact and its report) in a staging
+directory beside ``--out`` and swaps it in at the end, so ``--out`` only ever holds the old
+model with its report or the new model with its report. The fp32 baseline it compares
+against is a scratch directory ``.<out name>.slimkit-baseline.<pid>.<hex>`` beside ``--out``
+(beside the artifact for ``eval``), removed on the way out, on SIGINT and SIGTERM too; one
+left by a killed run is removed by the next run for the same output (``io/scratch.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,6 +61,59 @@ DataOpt = Annotated[Path | None, typer.Option("--data", help="JSONL data file (t
 RunsOpt = Annotated[int, typer.Option("--runs", min=10, help="Timed warm runs per model.")]
 BatchOpt = Annotated[int | None, typer.Option("--batch", min=1, help="Latency batch size.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="Torch CPU threads.")]
+
+
+class Interrupted(BaseException):
+    """A signal (SIGINT or SIGTERM) arrived while a command ran. Not a KeyboardInterrupt:
+    typer would turn that into a silent exit 130."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """While the body runs, SIGINT and SIGTERM raise ``Interrupted``, so that every ``with``
+    block on the way out removes its scratch directories; the previous handlers come back
+    afterwards. Only the main thread can handle signals: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _baseline_dir(beside: Path, elsewhere: bool = False) -> Iterator[Path]:
+    """A locked scratch directory for the temporary fp32 baseline beside ``beside`` (stale ones
+    of the same name tidied first), removed on the way out. ``elsewhere``: where that parent
+    is not writable, use the system's temporary directory instead of failing."""
+    from slimkit.errors import ArtifactError
+    from slimkit.io import scratch
+
+    near = Path(os.path.abspath(beside))
+    places = [near, Path(tempfile.gettempdir()) / near.name] if elsewhere else [near]
+    for i, place in enumerate(places):
+        try:
+            place.parent.mkdir(parents=True, exist_ok=True)
+            scratch.tidy(place)
+            made = scratch.create(place, "baseline")
+        except OSError as e:
+            if i + 1 < len(places):
+                continue
+            raise ArtifactError(f"cannot write {place.parent}: {e.strerror or e}") from e
+        with made:
+            yield made.path
+        return
 
 
 @contextlib.contextmanager
@@ -104,18 +168,28 @@ def compress_cmd(
 ) -> None:
     """Evaluate the baseline, compress, save, reload from disk, evaluate, report."""
     from slimkit.io.artifact import check_target
+    from slimkit.io.save import Staging, io_errors
 
     rec = Recipe.from_file(resolve(recipe))  # every input checked before any work
-    check_target(out, overwrite, how="pass --overwrite")
+    how = "pass --overwrite"
+    check_target(out, overwrite, how=how)
     the_task = _make_task(task, model_dir, data)
-    with _progress() as step, tempfile.TemporaryDirectory(prefix="slimkit-baseline-") as tmp:
+    with (
+        _signals_raise(),
+        Staging(out, overwrite, how=how) as stage,  # --out's parent is writable: checked here
+        _baseline_dir(out) as tmp,
+        _progress() as step,
+    ):
         step(f"loading {the_task.name}")
         model = the_task.model()
         pipeline.precheck(model, rec)  # finite weights, patterns that match: before any work
-        baseline = _baseline(model, the_task, Path(tmp) / "fp32", step)
-        candidate = _compressed(model, rec, the_task, out, overwrite, step)
+        baseline = _baseline(model, the_task, tmp / "fp32", step)
+        candidate = _compressed(model, rec, the_task, stage.path, step)
         report = _evaluate(the_task, [baseline, candidate], runs, batch, threads, step)
-    _finish([report], out)
+        with io_errors(stage.path):  # beside the new model, before it is swapped in
+            _write_reports([report], stage.path)
+        stage.commit()
+    _finish([report], out, written=True)
 
 
 @app.command("eval")
@@ -140,10 +214,10 @@ def eval_cmd(
     else:
         raise TaskError(f"{artifact} records no task; pass --task")
     recipe_name = (manifest.get("recipe") or {}).get("name")
-    with _progress() as step, tempfile.TemporaryDirectory(prefix="slimkit-baseline-") as tmp:
+    with _signals_raise(), _baseline_dir(artifact, elsewhere=True) as tmp, _progress() as step:
         step(f"loading {artifact}")
         model = load(artifact)
-        baseline = _baseline(the_task.model(), the_task, Path(tmp) / "fp32", step)
+        baseline = _baseline(the_task.model(), the_task, tmp / "fp32", step)
         candidate = _candidate(recipe_name or artifact.name, model, artifact, recipe_name)
         report = _evaluate(the_task, [baseline, candidate], runs, batch, threads, step)
     _show(report)
@@ -158,18 +232,23 @@ def demo_cmd(
 ) -> None:
     """The shipped recipes on digits-lenet and minilm-topics; a combined report in OUT."""
     from slimkit import tasks
+    from slimkit.io.save import Staging
 
     recipes = [Recipe.from_file(resolve(name)) for name in DEMO_RECIPES]
     reports = []
     for name in DEMO_TASKS:
         the_task = tasks.get(name)
-        with _progress() as step:
+        with _signals_raise(), _progress() as step:
             step(f"loading {name}")
             model = the_task.model()
             cands = [_baseline(model, the_task, out / name / "fp32", step, overwrite=True)]
             for rec in recipes:
                 dest = out / name / rec.name
-                cands.append(_compressed(copy.deepcopy(model), rec, the_task, dest, True, step))
+                with Staging(dest, overwrite=True) as stage:
+                    cand = _compressed(copy.deepcopy(model), rec, the_task, stage.path, step)
+                    stage.commit()
+                cand.artifact_dir = dest
+                cands.append(cand)
             report = _evaluate(the_task, cands, runs, None, None, step)
         _finish([report], out / name)
         reports.append(report)
@@ -208,8 +287,9 @@ def search_cmd(
     import json
 
     from slimkit import tasks
-    from slimkit.io.artifact import check_target, save
+    from slimkit.io.artifact import check_target
     from slimkit.io.atomic import write_text
+    from slimkit.io.save import Staging
     from slimkit.nas.stage import NasConfig, run_search, space_of, summary
 
     log = out / "search.jsonl"
@@ -233,12 +313,13 @@ def search_cmd(
     if log.exists() and log.stat().st_size and not resume:
         raise TaskError(f"{log} holds an earlier search; pass --resume to continue it")
     check_target(out / "model", overwrite=resume, how="pass --resume")
-    with _progress() as step:
+    # the winner's staging directory: OUT is writable, checked before any work
+    with _signals_raise(), Staging(out / "model", overwrite=True) as stage, _progress() as step:
         step(f"loading {the_task.name}")
         baseline = the_task.model()
         try:
             result = run_search(baseline, config, the_task, step)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Interrupted) as e:
             hint = {
                 "task": task,
                 "out": out,
@@ -261,9 +342,10 @@ def search_cmd(
                 highlight=False,
                 soft_wrap=True,
             )
-            raise typer.Exit(130) from None
+            raise typer.Exit(128 + getattr(e, "signum", signal.SIGINT)) from None
         step("saving the winner")
-        save(result.model, out / "model", overwrite=True)
+        stage.write(result.model)
+        stage.commit()
         write_text(out / "front.json", json.dumps(result.to_json(), indent=2) + "\n")
         base_acc = the_task.evaluate(baseline)["accuracy"]
         won_acc = the_task.evaluate(result.model)["accuracy"]
@@ -306,26 +388,28 @@ def _compressed(
     model: nn.Module,
     rec: Recipe,
     task: Task,
-    dest: Path,
-    overwrite: bool,
+    directory: Path,
     step: Callable[[str], None],
 ) -> Candidate:
-    """Compress, save atomically, and reload from disk: the reloaded model is evaluated."""
+    """Compress, write the artifact into the empty (staging) ``directory``, and reload it
+    from disk: the reloaded model is evaluated."""
     import time
 
     from slimkit.api import compress
-    from slimkit.io.artifact import load, save
+    from slimkit.io.artifact import load
+    from slimkit.io.save import io_errors, write_artifact
 
     start = time.perf_counter()
     compressed = compress(model, rec, task=task, progress=lambda s: step(f"{rec.name}: {s}"))
     seconds = time.perf_counter() - start
-    step(f"{rec.name}: saving to {dest}")
-    save(compressed, dest, overwrite=overwrite, task=task)
+    step(f"{rec.name}: saving")
+    write_artifact(compressed, directory, task=task)
     from slimkit.nas.stage import write_search_report
 
     notes = [f"compressed in {seconds:.1f} s"]
-    notes += [f"wrote {p.name}" for p in write_search_report(compressed, dest)]
-    return _candidate(rec.name, load(dest), dest, rec.name, notes)
+    with io_errors(directory):
+        notes += [f"wrote {p.name}" for p in write_search_report(compressed, directory)]
+    return _candidate(rec.name, load(directory), directory, rec.name, notes)
 
 
 def _candidate(
@@ -355,12 +439,18 @@ def _show(report: Report) -> None:
     render_table(report, console)
 
 
-def _finish(reports: list[Report], out: Path) -> None:
+def _write_reports(reports: list[Report], out: Path) -> None:
     from slimkit.report.write import write_report
 
+    write_report(reports[0] if len(reports) == 1 else reports, out)
+
+
+def _finish(reports: list[Report], out: Path, written: bool = False) -> None:
+    """Show the reports, write them into ``out`` (unless already ``written``), say where."""
     for report in reports:
         _show(report)
-    write_report(reports[0] if len(reports) == 1 else reports, out)
+    if not written:
+        _write_reports(reports, out)
     console.print(f"report: {out / 'report.md'}, {out / 'report.json'}, {out / 'pareto.png'}")
 
 
@@ -381,9 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     except SlimkitError as e:
         err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted) as e:
         err_console.print("interrupted")
-        return 130
+        return 128 + int(getattr(e, "signum", signal.SIGINT))
     except Exception:
         traceback.print_exc()
         err_console.print("internal error (a bug in slimkit): please report it with the above")

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimkit.spec_rules import Rule, check_spec
+
 M = TypeVar("M", bound="type[CompressedModule]")
 Fixup = Callable[[nn.Module], None]
 FX = TypeVar("FX", bound=Fixup)
@@ -39,9 +41,23 @@ class CompressedModule(nn.Module):
         """JSON-able constructor arguments: enough for ``from_spec`` to rebuild the shapes."""
         raise NotImplementedError
 
+    #: rules for spec keys whose meaning is this layer's own (see ``slimkit.spec_rules``)
+    spec_rules: ClassVar[dict[str, Rule]] = {}
+
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> CompressedModule:
         return cls(**spec)
+
+    @classmethod
+    def check_spec(cls, spec: Any) -> str | None:
+        """What is wrong with ``spec`` read from an artifact (types, ranges, arithmetic
+        between keys), or None; checked before ``from_spec`` builds anything."""
+        return check_spec(spec, cls, cls.spec_rules)
+
+    def verify(self) -> None:
+        """Raise ValueError when the loaded tensors contradict each other (a mask's count
+        against the stored values, a coded stream against its sizes); called once by the
+        loader after filling them, so a corrupt artifact fails at load, not at a forward."""
 
     def n_params(self) -> int:
         """Weight values this layer represents (nonzeros only, for sparse storage), not
@@ -114,6 +130,18 @@ def standard_spec(module: nn.Module) -> dict[str, Any] | None:
     if isinstance(module, nn.Linear | nn.Conv2d):
         spec["bias"] = module.bias is not None
     return spec
+
+
+def check_standard_spec(type_name: str, spec: Any) -> str | None:
+    """What is wrong with ``spec`` as a standard layer's spec read from an artifact, or None:
+    exactly the keys ``standard_spec`` writes, each within its rule."""
+    cls, fields = _STANDARD[type_name]
+    keys = set(fields) | ({"bias"} if cls in (nn.Linear, nn.Conv2d) else set())
+    if not isinstance(spec, dict):
+        return "the spec must be a mapping"
+    if set(spec) != keys:
+        return f"keys {sorted(spec)}, expected {sorted(keys)}"
+    return check_spec(spec, cls)
 
 
 def standard_from_spec(type_name: str, spec: dict[str, Any]) -> nn.Module:

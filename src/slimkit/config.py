@@ -3,7 +3,9 @@
 A config subclass declares its fields with types; ``__post_init__`` of the base checks the
 types of every field (str-Enums accept their string values) and then calls ``validate()``
 where the subclass checks ranges. Any problem raises ``ConfigError`` (a ``ValueError``)
-naming the field, the value and what is allowed.
+naming the field, the value and what is allowed. What depends on the model (a group size
+dividing each selected layer's input size, ...) a stage config checks in ``check(model,
+names)``, which the pipeline calls before any work.
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ import dataclasses
 import enum
 import types
 import typing
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import yaml
 
 from slimkit.errors import ConfigError, did_you_mean
+
+if TYPE_CHECKING:
+    from torch import nn
 
 C = TypeVar("C", bound="Config")
 
@@ -165,3 +171,9 @@ class StageConfig(Config):
             self.fail("targets", "a non-empty list of module-name patterns")
         check_patterns(self._where("targets"), self.targets)
         check_patterns(self._where("ignore"), self.ignore)
+
+    def check(self, model: nn.Module, names: Sequence[str]) -> None:
+        """Check the options against the layers ``names`` of ``model`` the stage selects,
+        before any work (``pipeline.precheck``; handlers may call it again): raise
+        ConfigError naming the key, the value and the layers that do not fit it. The base
+        has nothing to check."""

@@ -59,6 +59,24 @@ def module_types(model: nn.Module) -> dict[str, type[nn.Module]]:
     return out
 
 
+def tied_weights(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """Each module name whose own parameter another module also holds (``lm_head.weight =
+    embed.weight``) -> (that parameter's name, the other module's name). One module
+    registered under several names shares nothing with itself: that is not a tie."""
+    owners: dict[int, list[tuple[str, int]]] = {}  # parameter -> (module name, module)
+    own: list[tuple[str, int, str, int]] = []  # (module name, module, parameter name, parameter)
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p_name, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((name, id(module)))
+            own.append((name, id(module), p_name, id(p)))
+    tied: dict[str, tuple[str, str]] = {}
+    for name, module_id, p_name, key in own:
+        others = [n for n, m in owners[key] if m != module_id]
+        if others and name not in tied:
+            tied[name] = (p_name, others[0])
+    return tied
+
+
 def select_names(
     named: dict[str, type],
     targets: Sequence[str],

@@ -195,7 +195,9 @@ def test_teacher_sources_and_their_errors(tmp_path: Path) -> None:
         apply_distill(model, DistillConfig(), Context(names=[], task=ToyTask()))
     with pytest.raises(ConfigError, match=r"teacher: got '.*missing'.*not an existing path"):
         DistillConfig(teacher=str(tmp_path / "missing"))
-    slimkit.save(net(seed=5), tmp_path / "t")
+    teacher = net(seed=5)
+    slimkit.register_constructible(type(teacher))  # so that the artifact rebuilds alone
+    slimkit.save(teacher, tmp_path / "t")
     task = ToyTask()
     student = net(seed=1)
     distilled(student, task, teacher=str(tmp_path / "t"), alpha=1.0, epochs=8)
@@ -414,5 +416,5 @@ def test_shipped_recipe() -> None:
     )
     assert (config.epochs, config.lr, config.lr_schedule.value) == (10, 1e-3, "cosine")
     steps = [*prune_recipe("magnitude", sparsity=0.8)["stages"], *recipe.to_dict()["stages"]]
-    model = slimkit.compress(Net(), {"name": "pd", "stages": steps}, task=ToyTask())
+    model = slimkit.compress(Net().eval(), {"name": "pd", "stages": steps}, task=ToyTask())
     assert isinstance(model.fc1, SparseLinear) and not model.training

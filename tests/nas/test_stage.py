@@ -61,10 +61,16 @@ def test_searched_cnn_artifact_round_trip(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("cls", "kwargs", "expected"),
     [
-        ("this:Zen", {}, "only from the slimkit package"),  # importing `this` prints: refused
-        ("torch.nn:Linear", {"in_features": 1, "out_features": 1}, "only from the slimkit"),
+        ("this:Zen", {}, "not registered"),  # importing `this` prints: never imported
+        ("torch.nn:Linear", {"in_features": 1, "out_features": 1}, "not registered"),
         ("slimkit.nas.space:SearchedMLP", {"hidden": {"a": 1}}, "JSON scalars or lists"),
-        ("slimkit.nas.space:build", {"genome": 1}, "not a torch.nn.Module class"),
+        ("slimkit.nas.space:SearchedMLP", {"hidden": [10**6] * 3}, "source kwargs do not fit"),
+        ("slimkit.nas.space:build", {"genome": 1}, "not registered"),
+        (
+            "slimkit.nas.space:SearchedMLP",
+            {"in_features": 4, "num_classes": 2, "hidden": [10**6] * 3},
+            "would take",  # sized on the meta device first: nothing allocated
+        ),
     ],
 )
 def test_kwargs_source_refuses_other_classes(tmp_path, cls, kwargs, expected) -> None:

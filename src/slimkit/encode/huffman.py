@@ -142,8 +142,8 @@ def decode(coded: Coded) -> torch.Tensor:
     weights = (1 << np.arange(MAX_LEN - 1, -1, -1)).astype(np.int64)  # (MAX_LEN,)
     n_chunks = -(-n // CHUNK)
     pos = coded.starts.numpy().astype(np.int64).copy()  # (n_chunks,)
-    if pos.shape[0] != n_chunks:
-        raise ValueError(f"expected {n_chunks} chunk offsets, got {pos.shape[0]}")
+    _check_starts(pos, n_chunks, n, real_bits)
+    first = pos.copy()
     out = np.zeros(n_chunks * CHUNK, dtype=np.uint8)
     window = np.arange(MAX_LEN)
     for i in range(CHUNK):
@@ -158,7 +158,31 @@ def decode(coded: Coded) -> torch.Tensor:
             raise ValueError("the coded stream holds a bit pattern that is no code")
         out[idx * CHUNK + i] = table_sym[key]
         pos[idx] += table_len[key]
+    _check_ends(first, pos, real_bits)
     return torch.from_numpy(out[:n])
+
+
+def _check_starts(starts: np.ndarray, n_chunks: int, n: int, real_bits: int) -> None:
+    """ValueError unless the chunk offsets can be those of a stream of ``n`` symbols in
+    ``real_bits`` bits: one per chunk, the first 0, increasing by 1..MAX_LEN bits per symbol."""
+    if starts.shape[0] != n_chunks:
+        raise ValueError(f"expected {n_chunks} chunk offsets, got {starts.shape[0]}")
+    if n > real_bits:
+        raise ValueError(f"{n} symbols cannot fit in {real_bits} bits")
+    if starts[0] != 0:
+        raise ValueError(f"the first chunk starts at bit {int(starts[0])}, not 0")
+    steps = np.diff(starts)
+    if (steps < CHUNK).any() or (steps > CHUNK * MAX_LEN).any():
+        raise ValueError("the chunk offsets are not those of consecutive chunks")
+
+
+def _check_ends(starts: np.ndarray, ends: np.ndarray, real_bits: int) -> None:
+    """ValueError unless every chunk ends where the next starts, and the last within the
+    final byte of the stream (only zero padding after it)."""
+    if (ends[:-1] != starts[1:]).any():
+        raise ValueError("a chunk does not end where the next one starts")
+    if not real_bits - 8 < ends[-1] <= real_bits:
+        raise ValueError(f"the stream ends at bit {int(ends[-1])} of {real_bits}")
 
 
 def _decode_table(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -293,12 +293,41 @@ class HuffmanCoded(CompressedModule):
         out._restore()
         return out
 
+    @classmethod
+    def check_spec(cls, spec: Any) -> str | None:
+        problem = super().check_spec(spec)
+        if problem is not None:
+            return problem
+        inner = module_class(spec["inner_type"])
+        if inner is None or inner not in CODECS:
+            return f"inner_type={spec['inner_type']!r} is not a layer with integer streams"
+        problem = inner.check_spec(spec["inner_spec"])
+        if problem is not None:
+            return f"inner_spec: {problem}"
+        if len(spec["streams"]) != len(CODECS[inner].buffers):
+            return f"{spec['inner_type']} has {len(CODECS[inner].buffers)} streams"
+        for layout in spec["streams"]:
+            if layout["n_chunks"] != -(-layout["n"] // huffman.CHUNK):
+                return f"a stream of {layout['n']} symbols needs {-(-layout['n'] // 4096)} chunks"
+            if layout["n"] > 8 * layout["n_bytes"]:
+                return f"{layout['n']} symbols cannot fit in {layout['n_bytes']} bytes"
+        return None
+
+    def verify(self) -> None:
+        self._restore()
+        self.inner.verify()
+
     def _restore(self) -> None:
         if self._decoded == self.payload._version:
             return
         at = sum(payload_bytes(layout) for layout in self.streams)
         coded = unpack_payload(self.payload[:at], self.streams)
         symbols = [huffman.decode(c) for c in coded]
+        bits = getattr(self.inner, "bits", 8)
+        for i, stream in enumerate(symbols):
+            top = int(stream.max()) if stream.numel() else 0
+            if i != self.codec.mask and bits < 8 and top >= 1 << bits:
+                raise ValueError(f"stream {i} holds symbol {top}, over {bits} bits")
         if self.codec.mask is not None and self.positions == "gaps":
             numel = _numel(self.inner)
             symbols[self.codec.mask] = mask_from_gaps(symbols[self.codec.mask], numel, self.escape)
@@ -310,6 +339,11 @@ class HuffmanCoded(CompressedModule):
                 stored = self.payload[at : at + size].clone().view(dtype)
                 t.copy_(stored.reshape(t.shape).to(t.dtype))
                 at += size
+        expected = [t.numel() for t in self.codec.to_symbols(self.inner)]
+        if [t.numel() for t in symbols] != expected:
+            raise ValueError(
+                f"decoded streams of {[t.numel() for t in symbols]} symbols, expected {expected}"
+            )
         self.codec.restore(self.inner, symbols)
         self._decoded = self.payload._version
 

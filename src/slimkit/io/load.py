@@ -1,78 +1,130 @@
-"""Loading an artifact: the format version and every file's sha256 are verified, the model
-is rebuilt from its recorded source, the recorded module swaps are replayed and the tensors
-filled from safetensors. Nothing is ever unpickled."""
+"""Loading an artifact without trusting it.
+
+The steps, each refusing with an ``ArtifactError`` that names the file and the key:
+
+1. the directory and its files are opened by plain names, never following a link
+   (``io/manifest.py``); the manifest is read as bounded JSON and checked against its
+   schema; the weights file's size and sha256 are verified on the descriptor it is then
+   read from, and its header checked (``io/tensors.py``);
+2. the base architecture is rebuilt only from what slimkit knows: a built-in task, a local
+   Hugging Face directory by its config alone, or a class registered as constructible
+   (``slimkit.constructible``); otherwise the caller passes ``model=``. No name from the
+   manifest is ever imported or called;
+3. each recorded layer is checked (its spec's keys, types, ranges and arithmetic), must
+   replace a module of the base in the base's order, keeps the base's geometry, and is built
+   on the meta device first so that its size is bounded before any memory is allocated;
+4. the header must name exactly the tensors the rebuilt model holds, with their dtypes and
+   shapes (no cast, no alias stored twice); floats must be finite;
+5. each compressed layer verifies its own tensors (masks against values, coded streams
+   against their sizes) and the manifest's module list must be exactly what saving the
+   loaded model would record.
+
+Any other exception raised on the way becomes an ``ArtifactError``: loading never fails
+with another type. Nothing is ever unpickled.
+"""
 
 from __future__ import annotations
 
-import importlib
-import json
+import contextlib
+import inspect
+import itertools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model
+from safetensors.torch import _remove_duplicate_names
 from torch import nn
 
-from slimkit import registry
+from slimkit import constructible
 from slimkit.compressed import (
+    CompressedModule,
+    check_standard_spec,
+    is_simulated,
     is_standard,
     module_class,
     run_after_replay,
     standard_from_spec,
     standard_spec,
 )
-from slimkit.errors import ArtifactError
-from slimkit.io.atomic import sha256_file
-from slimkit.io.layout import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS
-from slimkit.io.save import _check_kwargs, _is_slimkit_module
-from slimkit.pipeline import set_info
+from slimkit.errors import ArtifactError, SlimkitError
+from slimkit.io import manifest as mf
+from slimkit.io.layout import MANIFEST, WEIGHTS
+from slimkit.io.tensors import NAMES, Header, read_header, read_tensor
 from slimkit.select import set_module
 
 _PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
+#: the bytes the rebuilt layers may take beyond 16x the weights file (a float layer rebuilt
+#: from int4 codes is 8x larger; buffers and caches add some)
+_SLACK_BYTES = 256 << 20
+#: attributes of a layer that no stored tensor shape reveals: a recorded layer must keep
+#: the base module's values (a changed stride or eps would load into a different model)
+_GEOMETRY = (
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "eps",
+    "momentum",
+    "padding_idx",
+    "affine",
+    "elementwise_affine",
+)
 
 
-# -- loading ---------------------------------------------------------------------------
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The verified manifest of the artifact at ``path`` (format, version, checksums)."""
-    p = _artifact_dir(Path(path))
-    try:
-        manifest = json.loads((p / MANIFEST).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{p / MANIFEST}: not valid JSON: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{p / MANIFEST}: not a slimkit manifest")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ArtifactError(
-            f"{p / MANIFEST}: format version {version!r} is newer than this slimkit reads "
-            f"({FORMAT_VERSION}); upgrade slimkit"
-        )
-    _check_structure(p / MANIFEST, manifest)
-    _verify_files(p, manifest)
+    """The checked manifest of the artifact at ``path``, its weights file verified."""
+    p = _artifact_dir(Path(os.path.abspath(path)))
+    with _guard(p, "reading the manifest"), _directory(p) as dir_fd:
+        manifest = mf.read_manifest_fd(p, dir_fd)
+        fd = mf.open_member(p, dir_fd, WEIGHTS)
+        try:
+            mf.verify_file(p, fd, WEIGHTS, manifest["files"][WEIGHTS])
+            read_header(p / WEIGHTS, fd)
+        finally:
+            os.close(fd)
     return manifest
 
 
-def _check_structure(where: Path, manifest: dict[str, Any]) -> None:
-    """ArtifactError naming the manifest when a field has the wrong shape."""
-    source, files, modules = manifest.get("source"), manifest.get("files"), manifest.get("modules")
-    if not isinstance(source, dict):
-        raise ArtifactError(f"{where}: 'source' is missing or not a mapping")
-    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
-        raise ArtifactError(f"{where}: 'files' must map file names to {{sha256, bytes}}")
-    if not isinstance(modules, list):
-        raise ArtifactError(f"{where}: 'modules' is missing or not a list")
-    for i, entry in enumerate(modules):
-        ok = isinstance(entry, dict) and isinstance(entry.get("name"), str)
-        ok = ok and (
-            "same_as" in entry or ("type" in entry and isinstance(entry.get("spec"), dict))
-        )
-        if not ok:
-            raise ArtifactError(f"{where}: modules[{i}] needs 'name' and 'type' + 'spec'")
+def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the model saved at ``path``: every saved tensor reloads bit for bit, and so do
+    the outputs, except that a sparse Linear on kernel ``auto`` may pick another kernel on
+    this machine (its outputs then agree to float rounding; ``kernel: dense`` keeps them
+    bit for bit).
+
+    ``model``: a fresh instance of the original architecture, needed when the artifact does
+    not record a source slimkit may rebuild alone (a built-in task, a local Hugging Face
+    directory, or a class registered with ``slimkit.register_constructible``).
+    """
+    p = _artifact_dir(Path(os.path.abspath(path)))
+    with _guard(p, "loading"), _directory(p) as dir_fd:
+        _check_entries(p)
+        manifest = mf.read_manifest_fd(p, dir_fd)
+        fd = mf.open_member(p, dir_fd, WEIGHTS)
+        try:
+            mf.verify_file(p, fd, WEIGHTS, manifest["files"][WEIGHTS])
+            header = read_header(p / WEIGHTS, fd)
+            budget = 16 * os.fstat(fd).st_size + _SLACK_BYTES
+            _load_known()
+            base = model if model is not None else _rebuild_base(p, manifest["source"], budget)
+            _replay(p, base, manifest["modules"], budget)
+            _fill(p, base, header, fd)
+        finally:
+            os.close(fd)
+        _verify(p, base, manifest)
+    from slimkit.pipeline import set_info
+
+    source = manifest["source"]
+    student = source.get("student") if "task" in source else None
+    set_info(base, source=source, recipe=manifest.get("recipe"), artifact=str(p), student=student)
+    return base.eval()
 
 
+# -- the directory -------------------------------------------------------------------------
 def _artifact_dir(p: Path) -> Path:
+    """``p`` when it looks like an artifact directory; a clear refusal for a pickle file, a
+    plain file, a missing path or a directory without a manifest."""
     if p.is_file():
         if _looks_pickled(p):
             raise ArtifactError(
@@ -82,7 +134,7 @@ def _artifact_dir(p: Path) -> Path:
         raise ArtifactError(f"{p} is a file; an artifact is a directory with {MANIFEST}")
     if not p.is_dir():
         raise ArtifactError(f"artifact not found: {p}")
-    if not (p / MANIFEST).is_file():
+    if not os.path.lexists(p / MANIFEST):
         pickles = sorted(f.name for f in p.iterdir() if f.suffix in _PICKLE_SUFFIXES)
         hint = f" (pickle files such as {pickles[0]} are never loaded)" if pickles else ""
         raise ArtifactError(f"{p} is not a slimkit artifact: {MANIFEST} is missing{hint}")
@@ -90,142 +142,285 @@ def _artifact_dir(p: Path) -> Path:
 
 
 def _looks_pickled(p: Path) -> bool:
-    with open(p, "rb") as f:
-        head = f.read(4)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return p.suffix in _PICKLE_SUFFIXES
     return head[:1] == b"\x80" or head[:2] == b"PK" or p.suffix in _PICKLE_SUFFIXES
 
 
-def _verify_files(p: Path, manifest: dict[str, Any]) -> None:
-    files = manifest["files"]
-    if WEIGHTS not in files:
-        raise ArtifactError(f"{p / MANIFEST}: lists no {WEIGHTS}")
-    for name, meta in files.items():
-        f = p / name
-        if not f.is_file():
-            raise ArtifactError(f"{f}: missing from the artifact")
-        size = f.stat().st_size
-        if size != meta.get("bytes"):
+def _check_entries(p: Path) -> None:
+    """Refuse an artifact whose own files are links or not regular files, or beside which
+    lies a pickle (``.pt``, ``.bin``, ...): which weights were meant is then unclear, and
+    slimkit never loads pickles. Other files beside an artifact are left alone, unread."""
+    for entry in sorted(os.scandir(p), key=lambda e: e.name):
+        if entry.name in (MANIFEST, WEIGHTS) and entry.is_symlink():
+            raise ArtifactError(f"{p / entry.name}: is a symbolic link (refused)")
+        if entry.name in (MANIFEST, WEIGHTS) and not entry.is_file(follow_symlinks=False):
+            raise ArtifactError(f"{p / entry.name}: not a regular file (refused)")
+        if Path(entry.name).suffix.lower() in _PICKLE_SUFFIXES:
             raise ArtifactError(
-                f"{f}: {size} bytes, the manifest says {meta.get('bytes')} (truncated or replaced)"
+                f"{p} holds {entry.name[:80]!r}, a pickle-style checkpoint beside the artifact; "
+                "refused (slimkit never unpickles: remove it or move the artifact)"
             )
-        if sha256_file(f) != meta.get("sha256"):
-            raise ArtifactError(f"{f}: checksum mismatch (the file is corrupt or was modified)")
+
+
+@contextlib.contextmanager
+def _directory(p: Path) -> Iterator[int]:
+    fd = mf.open_dir(p)
     try:
-        with safe_open(str(p / WEIGHTS), framework="pt") as st:
-            st.keys()
-    except (SafetensorError, OSError) as e:
-        raise ArtifactError(f"{p / WEIGHTS}: not a readable safetensors file: {e}") from None
+        yield fd
+    finally:
+        os.close(fd)
 
 
-def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
-    """Rebuild the model saved at ``path``: every saved tensor reloads bit for bit, and so do
-    the outputs, except that a sparse Linear on kernel ``auto`` may pick another kernel on
-    this machine (its outputs then agree to float rounding; ``kernel: dense`` keeps them
-    bit for bit).
-
-    ``model``: a fresh instance of the original architecture, needed only when the artifact
-    does not record a rebuildable source (a built-in task, a HF directory, or a class that
-    constructs without arguments).
-    """
-    p = Path(path)
-    manifest = read_manifest(p)
-    base = model if model is not None else _rebuild_base(manifest["source"], p)
-    _replay(base, manifest.get("modules", []), p)
+@contextlib.contextmanager
+def _guard(p: Path, step: str) -> Iterator[None]:
+    """Any exception but a SlimkitError (a TypeError from a constructor, a RecursionError,
+    a MemoryError) as an ArtifactError naming the artifact."""
     try:
-        missing, unexpected = load_model(base, str(p / WEIGHTS), strict=False)
-    except RuntimeError as e:  # shape mismatch
-        raise ArtifactError(f"{p / WEIGHTS}: does not fit the model: {_first_line(e)}") from None
-    if missing or unexpected:
-        raise ArtifactError(
-            f"{p / WEIGHTS}: does not fit the model (missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]})"
-        )
-    source = manifest["source"]
-    student = source.get("student") if "task" in source else None
-    set_info(base, source=source, recipe=manifest.get("recipe"), artifact=str(p), student=student)
-    return base.eval()
+        yield
+    except SlimkitError:
+        raise
+    except (Exception, RecursionError, MemoryError) as e:
+        raise ArtifactError(f"{p}: {step} failed: {type(e).__name__}: {_first_line(e)}") from e
 
 
-def _first_line(e: Exception) -> str:
+def _first_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return " ".join(lines[:2])
+    return " ".join(lines[:2])[:300]
 
 
-def _rebuild_base(source: dict[str, Any], p: Path) -> nn.Module:
+def _load_known() -> None:
+    """Make the built-in layer types and model classes known (registration by import)."""
+    from slimkit import registry, tasks  # noqa: F401
+
+    registry.load_builtin()
+    import slimkit.nas.space  # noqa: F401  (its searched models are constructible)
+
+
+# -- the base architecture -----------------------------------------------------------------
+def _rebuild_base(p: Path, source: dict[str, Any], budget: int) -> nn.Module:
+    where = p / MANIFEST
     if "task" in source:
         from slimkit import tasks
 
-        return tasks.model_from_source(source)  # the task's model, or its recorded student
+        try:
+            return tasks.model_from_source(source)  # the task's model, or its student
+        except SlimkitError as e:
+            raise ArtifactError(f"{where}: source task: {_first_line(e)}") from None
     if "hf" in source:
-        cls = _import(source["class"], p)
-        return cls.from_pretrained(source["hf"])  # type: ignore[no-any-return]
-    if "class" in source and "kwargs" in source:
-        return _rebuild_with_kwargs(source, p)
+        return _rebuild_hf(where, source["hf"], source["class"], budget)
     if "class" in source:
-        return _import(source["class"], p)()  # type: ignore[no-any-return]
+        return _rebuild_class(where, source["class"], source.get("kwargs"), budget)
     raise ArtifactError(
-        f"{p}: was saved from a {source.get('caller', 'model')} that slimkit cannot rebuild "
-        f"alone; pass model= a fresh instance of that architecture"
+        f"{p}: was saved from a {str(source['caller'])[:80]} that slimkit cannot rebuild "
+        "alone; pass model= a fresh instance of that architecture"
     )
 
 
-def _rebuild_with_kwargs(source: dict[str, Any], p: Path) -> nn.Module:
-    """Construct ``source["class"]`` with ``source["kwargs"]``: only a ``torch.nn.Module``
-    class of the ``slimkit`` package, only with JSON scalars and lists (no other code runs
-    than slimkit's own; nothing from another package is imported)."""
-    path, kwargs = source["class"], source["kwargs"]
-    module = path.partition(":")[0] if isinstance(path, str) else ""
-    if not _is_slimkit_module(module):
+def _rebuild_class(where: Path, key: str, kwargs: dict[str, Any] | None, budget: int) -> nn.Module:
+    """A registered class, with its recorded JSON arguments when it takes them."""
+    entry = constructible.lookup(key)
+    if entry is None:
         raise ArtifactError(
-            f"{p}: refused to rebuild {path!r}: a class with constructor arguments is rebuilt "
-            f"only from the slimkit package"
+            f"{where}: source class {key[:120]!r} is not registered as constructible; "
+            "register it with slimkit.register_constructible before loading, or pass model="
         )
-    _check_kwargs(kwargs, f"{p / MANIFEST}: source kwargs")
-    cls = _import(path, p)
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ArtifactError(f"{p}: {path} is not a torch.nn.Module class")
+    if entry.kwargs != (kwargs is not None):
+        how = "with" if entry.kwargs else "without"
+        raise ArtifactError(f"{where}: source class {key!r} is built {how} recorded kwargs")
+    args = kwargs or {}
     try:
-        with torch.random.fork_rng(devices=[]):
-            return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise ArtifactError(f"{p}: cannot rebuild {path} from its arguments: {e}") from None
+        inspect.signature(entry.cls).bind(**args)
+    except TypeError as e:
+        raise ArtifactError(f"{where}: source kwargs do not fit {key}: {e}") from None
+    return _build(where, f"source class {key}", lambda: entry.cls(**args), budget)
 
 
-def _import(path: str, p: Path) -> Any:
-    module, _, qualname = path.partition(":")
+def _rebuild_hf(where: Path, directory: str, key: str, budget: int) -> nn.Module:
+    """A Hugging Face model built from the config of a local directory alone: never the
+    network, never remote code, never the directory's weights (the artifact holds them)."""
+    d = Path(directory)
+    if not d.is_absolute() or not (d / "config.json").is_file():
+        raise ArtifactError(
+            f"{where}: source hf {directory[:120]!r} is not a local Hugging Face directory "
+            "(an absolute path holding config.json); pass model="
+        )
+    module, _, name = key.partition(":")
+    if not (module == "transformers" or module.startswith("transformers.")) or "." in name:
+        raise ArtifactError(f"{where}: source class {key[:120]!r} is not a transformers model")
     try:
-        obj: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise ArtifactError(f"{p}: cannot import the model class {path}: {e}") from None
-    return obj
+        import transformers
+    except ImportError:
+        raise ArtifactError(f"{where}: loading a Hugging Face model needs transformers") from None
+    cls = getattr(transformers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ArtifactError(f"{where}: source class {key[:120]!r} is not a transformers model")
+    config = transformers.AutoConfig.from_pretrained(
+        str(d), local_files_only=True, trust_remote_code=False
+    )
+    return _build(where, f"source class {key}", lambda: cls(config), budget)
 
 
-def _replay(model: nn.Module, specs: list[dict[str, Any]], p: Path) -> None:
-    """Swap in the recorded compressed modules and the standard layers whose shape changed,
-    then run the ``after_replay`` fixups."""
-    registry.load_builtin()
-    for entry in specs:
-        name = entry["name"]
+def _build(where: Path, what: str, make: Any, budget: int) -> nn.Module:
+    """``make()`` on the meta device first: refused when it would take more than ``budget``
+    bytes; then for real, without disturbing the caller's random state."""
+    with torch.device("meta"):
+        probe = make()
+    if not isinstance(probe, nn.Module):
+        raise ArtifactError(f"{where}: {what} does not build a torch module")
+    size = _bytes(probe)
+    if size > budget:
+        raise ArtifactError(
+            f"{where}: {what} would take {size} bytes, more than its weights file can fill"
+        )
+    with torch.random.fork_rng(devices=[]):
+        module = make()
+    return module  # type: ignore[no-any-return]
+
+
+def _bytes(module: nn.Module) -> int:
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# -- the recorded layers -------------------------------------------------------------------
+def _replay(p: Path, model: nn.Module, entries: list[dict[str, Any]], budget: int) -> None:
+    """Swap in the recorded layers, in the base model's order, each replacing a module of
+    the base, then run the ``after_replay`` fixups."""
+    where = p / MANIFEST
+    order = {name: i for i, (name, _) in enumerate(model.named_modules(remove_duplicate=False))}
+    last, used = -1, _bytes(model)
+    owners: list[str] = []
+    for i, entry in enumerate(entries):
+        name, at = entry["name"], f"{where}: modules[{i}] {entry['name']!r}"
+        if name not in order:
+            raise ArtifactError(f"{at}: the model has no such module")
+        if order[name] <= last:
+            raise ArtifactError(f"{at}: out of the model's order")
+        if any(name.startswith(f"{owner}.") for owner in owners):
+            raise ArtifactError(f"{at}: lies inside the recorded layer {owners[-1]!r}")
+        last = order[name]
         if "same_as" in entry:
-            set_module(model, name, model.get_submodule(entry["same_as"]))
+            target = entry["same_as"]
+            if target not in order or order[target] >= order[name]:
+                raise ArtifactError(f"{at}: same_as {target[:80]!r} is no earlier module")
+            set_module(model, name, model.get_submodule(target))
             continue
-        type_name, spec = entry["type"], entry["spec"]
-        cls = module_class(type_name)
-        if cls is not None:
-            set_module(model, name, cls.from_spec(spec))
-        elif is_standard(type_name):
-            current = _get(model, name)
-            if current is None or standard_spec(current) != spec:
-                set_module(model, name, standard_from_spec(type_name, spec))
-        else:
-            raise ArtifactError(f"{p / MANIFEST}: unknown module type {type_name!r} at {name!r}")
+        old = model.get_submodule(name)
+        module = _layer(at, old, entry["type"], entry["spec"])
+        if module is old:
+            continue
+        used += _bytes(module) - _bytes(old)
+        if used > budget:
+            raise ArtifactError(f"{at}: the layers take more than the weights file can fill")
+        if isinstance(module, CompressedModule):
+            owners.append(name)
+        set_module(model, name, module)
     run_after_replay(model)
 
 
-def _get(model: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
+def _layer(at: str, old: nn.Module, type_name: str, spec: dict[str, Any]) -> nn.Module:
+    """The layer an entry records, checked against its rules and the module it replaces,
+    built on the meta device first (its size is then bounded by the caller)."""
+    cls = module_class(type_name)
+    if cls is not None:
+        problem = cls.check_spec(spec)
+        build: Any = lambda: cls.from_spec(spec)  # noqa: E731
+    elif is_standard(type_name):
+        if type(old).__name__ != type_name:
+            raise ArtifactError(f"{at}: the model has a {type(old).__name__} there")
+        problem = check_standard_spec(type_name, spec)
+        build = lambda: standard_from_spec(type_name, spec)  # noqa: E731
+    else:
+        raise ArtifactError(f"{at}: unknown layer type {type_name[:80]!r}")
+    if problem is not None:
+        raise ArtifactError(f"{at}: {type_name} spec: {problem}")
+    _check_geometry(at, old, spec)
+    if standard_spec(old) == spec:
+        return old  # unchanged: kept (with any weight it shares)
+    with torch.device("meta"):
+        probe = build()
+    if _bytes(probe) > 16 * (_bytes(old) + (1 << 20)) + _SLACK_BYTES:
+        raise ArtifactError(f"{at}: the spec claims a layer far larger than the one it replaces")
+    with torch.random.fork_rng(devices=[]):
+        return build()  # type: ignore[no-any-return]
+
+
+def _check_geometry(at: str, old: nn.Module, spec: dict[str, Any]) -> None:
+    """The spec (and a wrapped layer's ``inner_spec``) keeps ``old``'s geometry."""
+    for key in _GEOMETRY:
+        if key in spec and hasattr(old, key) and _plain(getattr(old, key)) != spec[key]:
+            raise ArtifactError(
+                f"{at}: {key}={spec[key]!r} differs from the model's {_plain(getattr(old, key))!r}"
+            )
+    if isinstance(spec.get("inner_spec"), dict):
+        _check_geometry(at, old, spec["inner_spec"])
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+# -- the tensors ---------------------------------------------------------------------------
+def _fill(p: Path, model: nn.Module, header: Header, fd: int) -> None:
+    """Check the header against the rebuilt model, then copy each tensor in."""
+    where, entries = p / WEIGHTS, header.entries
+    state = model.state_dict()
+    kept_of = {a: kept for kept, group in _remove_duplicate_names(state).items() for a in group}
+    aliases = set(kept_of)
+    if header.aliases and header.aliases != kept_of:
+        raise ArtifactError(f"{where}: the header's aliases are not the model's tied tensors")
+    expected = {k: v for k, v in state.items() if k not in aliases}
+    for name in sorted(set(expected) | set(entries)):
+        if name not in entries:
+            raise ArtifactError(f"{where}: tensor {name!r} is missing")
+        if name not in expected:
+            what = "an alias stored twice" if name in aliases else "not a tensor of the model"
+            raise ArtifactError(f"{where}: tensor {name[:80]!r} is {what}")
+        e, want = entries[name], expected[name]
+        if e.dtype != want.dtype:
+            raise ArtifactError(
+                f"{where}: tensor {name!r} is {NAMES[e.dtype]}, the model holds "
+                f"{NAMES.get(want.dtype, str(want.dtype))} (no silent cast)"
+            )
+        if e.shape != tuple(want.shape):
+            raise ArtifactError(
+                f"{where}: tensor {name!r} has shape {list(e.shape)}, the model holds "
+                f"{list(want.shape)}"
+            )
+    tensors = {}
+    for name, e in entries.items():
+        t = read_tensor(fd, e)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            raise ArtifactError(f"{where}: tensor {name!r} holds {bad}")
+        tensors[name] = t
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if set(missing) - aliases or unexpected:
+        raise ArtifactError(f"{where}: does not fit the model ({sorted(missing)[:3]})")
+
+
+def _verify(p: Path, model: nn.Module, manifest: dict[str, Any]) -> None:
+    """Each compressed layer's own consistency, and the manifest as saving would write it."""
+    from slimkit.io.save import module_specs
+
+    for name, m in model.named_modules():
+        if isinstance(m, CompressedModule):
+            try:
+                m.verify()
+            except ValueError as e:
+                raise ArtifactError(f"{p / WEIGHTS}: layer {name!r}: {_first_line(e)}") from None
+    recorded, written = module_specs(model), manifest["modules"]
+    if recorded != written:
+        pairs = enumerate(zip(recorded, written, strict=False))
+        first = next((i for i, (a, b) in pairs if a != b), min(len(recorded), len(written)))
+        raise ArtifactError(
+            f"{p / MANIFEST}: modules[{first}] is not what the loaded model records "
+            "(an entry is missing, extra or altered)"
+        )
+    simulated = manifest.get("simulated")
+    if simulated is not None and simulated != is_simulated(model):
+        raise ArtifactError(f"{p / MANIFEST}: simulated is {simulated}, the layers say otherwise")

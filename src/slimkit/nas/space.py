@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit.constructible import register_constructible
+
 CNN, MLP = "cnn", "mlp"
 
 
@@ -189,6 +191,13 @@ class SearchSpace:
 
 
 # -- models -----------------------------------------------------------------------------
+def _positive(name: str, values: Sequence[int], length: int | None = None) -> None:
+    """ValueError unless every size is positive (and there are ``length`` of them)."""
+    if (length is not None and len(values) != length) or any(v < 1 for v in values):
+        raise ValueError(f"{name}: sizes must be positive, got {list(values)}")
+
+
+@register_constructible(kwargs=True)
 class SearchedCNN(nn.Module):
     """Conv blocks (a standard k x k conv, or a depthwise k x k conv + pointwise 1x1 conv;
     then ReLU and 2x2 max pool), flatten, hidden Linear + ReLU layers, an output Linear."""
@@ -204,6 +213,9 @@ class SearchedCNN(nn.Module):
         shape = [int(v) for v in in_shape]
         blocks_spec = [[int(c), int(k), bool(s)] for c, k, s in convs]
         widths = [int(h) for h in hidden]
+        _positive("in_shape", shape, length=3)
+        _positive("convs", [v for c, k, _ in blocks_spec for v in (c, k)])
+        _positive("hidden", [*widths, int(num_classes)])
         self._kwargs: dict[str, Any] = {
             "in_shape": shape,
             "num_classes": int(num_classes),
@@ -236,12 +248,14 @@ class SearchedCNN(nn.Module):
         return self.classifier(x.flatten(1))  # (B, classes)
 
 
+@register_constructible(kwargs=True)
 class SearchedMLP(nn.Module):
     """Hidden Linear + ReLU layers and an output Linear on flattened inputs."""
 
     def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int]) -> None:
         super().__init__()
         widths = [int(h) for h in hidden]
+        _positive("sizes", [int(in_features), int(num_classes), *widths])
         self._kwargs: dict[str, Any] = {
             "in_features": int(in_features),
             "num_classes": int(num_classes),

@@ -19,3 +19,17 @@ def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Bool tensor of ``numel`` positions from ``pack_mask``'s bytes."""
     bits = (packed.to(torch.int32).unsqueeze(1) & _BITS) != 0  # (N/8, 8)
     return bits.reshape(-1)[:numel]
+
+
+def check_mask(packed: torch.Tensor, numel: int, kept: int) -> None:
+    """ValueError unless ``packed`` holds ``numel`` positions of which exactly ``kept`` are
+    set, with the padding bits of its last byte clear."""
+    if packed.numel() != (numel + 7) // 8:
+        raise ValueError(f"mask of {packed.numel()} bytes for {numel} positions")
+    bits = (packed.to(torch.int32).unsqueeze(1) & _BITS) != 0  # (N/8, 8)
+    flat = bits.reshape(-1)
+    if bool(flat[numel:].any()):
+        raise ValueError("the mask sets bits past the weight's end")
+    count = int(flat[:numel].sum())
+    if count != kept:
+        raise ValueError(f"the mask keeps {count} weights, but {kept} values are stored")

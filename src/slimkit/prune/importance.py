@@ -36,7 +36,7 @@ from torch import nn
 
 from slimkit.config import Scope
 from slimkit.data import Batch, call, first_tensor
-from slimkit.pipeline import Context
+from slimkit.pipeline import Context, eval_mode
 from slimkit.quant.calibrate import TrainBatch, labelled_batches, run_batches, watching
 
 
@@ -311,7 +311,7 @@ def taylor_sums(
     The model runs in eval mode (mode flags restored after); only ``weights`` get gradients
     and no ``.grad`` is left on any tensor."""
     totals = [torch.zeros(_score_shape(w, unit), dtype=torch.float64) for w in weights]
-    with _eval(model), only_grad(model, weights), torch.enable_grad():
+    with eval_mode(model), only_grad(model, weights), torch.enable_grad():
         for inputs, labels in batches:
             loss = F.cross_entropy(first_tensor(call(model, inputs)), labels)
             grads = torch.autograd.grad(loss, list(weights), allow_unused=True)
@@ -329,17 +329,6 @@ def _taylor_term(wg: torch.Tensor, unit: Unit) -> torch.Tensor:
 
 def _score_shape(w: torch.Tensor, unit: Unit) -> tuple[int, ...]:
     return tuple(w.shape) if unit is Unit.WEIGHT else (w.shape[0],)
-
-
-@contextlib.contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 @contextlib.contextmanager

@@ -48,6 +48,12 @@ class NMConfig(StageConfig):
         if self.criterion not in NM_CRITERIA:
             self.fail("criterion", ", ".join(c.value for c in NM_CRITERIA))
 
+    def check(self, model: nn.Module, names: Sequence[str]) -> None:
+        """ConfigError before any work: a layer with no sparse twin, or layers whose input
+        size ``m`` does not divide (all of them listed)."""
+        check_sparse_convertible(model, names, self.method)
+        check_group_length(model, names, self)
+
     @property
     def pattern(self) -> str:
         return f"{self.n}:{self.m}"
@@ -76,8 +82,7 @@ def check_group_length(model: nn.Module, names: Sequence[str], config: NMConfig)
 
 @register(NMConfig, types=tuple(SPARSE_SWAPS))
 def apply_nm(model: nn.Module, config: NMConfig, ctx: Context) -> nn.Module:
-    check_sparse_convertible(model, ctx.names, config.method)
-    check_group_length(model, ctx.names, config)
+    config.check(model, ctx.names)
     names = unique_names(model, ctx.names)
     scores = importance(config.criterion)(model, names, ctx)
     keeps = {

@@ -34,7 +34,7 @@ from slimkit.prune.importance import (
     unique_names,
     weight_of,
 )
-from slimkit.prune.sparse import SPARSE_SWAPS, check_sparse_convertible, to_sparse
+from slimkit.prune.sparse import SPARSE_SWAPS, to_sparse
 from slimkit.prune.unstructured import UnstructuredConfig
 from slimkit.quant.calibrate import labelled_batches
 from slimkit.registry import register
@@ -144,7 +144,7 @@ def prune_step(
 
 @register(GradualConfig, types=tuple(SPARSE_SWAPS))
 def apply_gradual(model: nn.Module, config: GradualConfig, ctx: Context) -> nn.Module:
-    check_sparse_convertible(model, ctx.names, config.method)
+    config.check(model, ctx.names)
     criterion = importance(config.criterion)
     epochs = config.finetune_epochs
     batches = labelled_batches(model, ctx, "gradual pruning fine-tuning") if epochs else []

@@ -34,7 +34,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,8 @@ from slimkit.compressed import (
     copy_bias,
 )
 from slimkit.errors import ConfigError
-from slimkit.prune.bitmask import pack_mask, unpack_mask
+from slimkit.prune.bitmask import check_mask, pack_mask, unpack_mask
+from slimkit.spec_rules import Rule, spec_choice
 
 
 class SparseKernel(str, enum.Enum):
@@ -196,6 +197,13 @@ class _SparseWeight(CompressedModule):
     def n_params(self) -> int:
         return self.values.numel()
 
+    def verify(self) -> None:
+        numel = int(torch.Size(self.weight_shape).numel())
+        check_mask(self.mask, numel, self.values.numel())
+        if self.pattern is not None:
+            keep = unpack_mask(self.mask, numel).reshape(self.weight_shape)
+            check_pattern(keep, self.pattern)
+
     def density(self) -> float:
         return self.values.numel() / max(1, int(torch.Size(self.weight_shape).numel()))
 
@@ -217,6 +225,7 @@ class SparseLinear(_SparseWeight):
 
     csr_crow: torch.Tensor | None
     csr_col: torch.Tensor | None
+    spec_rules: ClassVar[dict[str, Rule]] = {"kernel": spec_choice(*SPARSE_KERNELS)}
 
     def __init__(
         self,

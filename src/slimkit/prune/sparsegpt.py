@@ -33,12 +33,15 @@ groups run along ``weight.reshape(O, -1)``, i.e. over ``(C_in, kh, kw)`` in that
 SparseGPT from block-by-block calibration (``quant/sequential.py``). Grouped convolutions,
 layers that saw no calibration input and layers whose Hessian cannot be factorized are
 pruned by magnitude at the same setting, with a line in the report. The result is stored
-as ``SparseLinear`` / ``SparseConv2d`` (nonzero values + bitmask).
+as ``SparseLinear`` / ``SparseConv2d`` (nonzero values + bitmask). A layer whose Hessian saw
+fewer calibration rows than it has input columns gets a warning (a DataError before any
+layer changes with ``strict: true``), as in GPTQ.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -54,6 +57,7 @@ from slimkit.quant.gptq import (
     Hessians,
     drop_dead_inputs,
     inverse_factor,
+    require_hessian_rows,
     uses_hessian,
 )
 from slimkit.quant.sequential import Group, quantize_sequential
@@ -189,6 +193,8 @@ class SparseGPTConfig(StageConfig):
     m: int | None = None
     block_size: int = 128
     damp: float = 0.01
+    #: too few calibration rows for a layer's Hessian is an error, not a warning
+    strict: bool = False
 
     def __post_init__(self) -> None:
         if self.sparsity is None and self.n is None and self.m is None:
@@ -216,6 +222,10 @@ class SparseGPTConfig(StageConfig):
     def nm(self) -> NM | None:
         return None if self.n is None or self.m is None else (self.n, self.m)
 
+    def check(self, model: nn.Module, names: Sequence[str]) -> None:
+        """ConfigError before any work (``check_layers``)."""
+        check_layers(model, names, self)
+
 
 _SWAPS: dict[type[nn.Module], type[SparseLinear | SparseConv2d]] = {
     nn.Linear: SparseLinear,
@@ -223,7 +233,7 @@ _SWAPS: dict[type[nn.Module], type[SparseLinear | SparseConv2d]] = {
 }
 
 
-def check_layers(model: nn.Module, names: list[str], config: SparseGPTConfig) -> None:
+def check_layers(model: nn.Module, names: Sequence[str], config: SparseGPTConfig) -> None:
     """ConfigError before any work: a convolution the sparse layers cannot hold, or the
     selected layers whose input size ``m`` does not divide (all of them listed)."""
     modules = {name: model.get_submodule(name) for name in names}
@@ -247,7 +257,9 @@ def check_layers(model: nn.Module, names: list[str], config: SparseGPTConfig) ->
 @register(SparseGPTConfig, types=tuple(_SWAPS))
 def apply_sparsegpt(model: nn.Module, config: SparseGPTConfig, ctx: Context) -> nn.Module:
     data = ctx.need_data("sparsegpt")
-    check_layers(model, ctx.names, config)
+    config.check(model, ctx.names)
+    if config.strict:
+        require_hessian_rows(model, ctx.names, data, "SparseGPT")
     quantize_sequential(model, ctx.names, data, lambda g: _prune_group(g, config, ctx), ctx.report)
     return model
 
@@ -260,6 +272,7 @@ def _prune_group(group: Group, config: SparseGPTConfig, ctx: Context) -> None:
     if watched:
         with group.watching(stats.watch, watched):
             group.run()
+    stats.check_rows(group, "SparseGPT", config.strict)
 
     def make(name: str, module: nn.Module) -> nn.Module:
         h = stats.pop(name) if name in watched else None

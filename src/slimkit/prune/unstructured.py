@@ -8,6 +8,7 @@ Criteria (``prune/importance.py``): ``magnitude`` (``|w|``, no data), ``wanda`` 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -56,6 +57,10 @@ class UnstructuredOptions(StageConfig):
         if not 0.0 <= self.min_density <= 1.0:
             self.fail("min_density", "a fraction in [0, 1] (0 lets a layer be pruned away)")
 
+    def check(self, model: nn.Module, names: Sequence[str]) -> None:
+        """ConfigError before any work naming a selected layer with no sparse twin."""
+        check_sparse_convertible(model, names, self.method)
+
 
 @dataclasses.dataclass(frozen=True)
 class UnstructuredConfig(UnstructuredOptions):
@@ -80,7 +85,7 @@ def prune_unstructured(
     if criterion.unit is not Unit.WEIGHT:
         name = type(criterion).__name__
         raise ValueError(f"unstructured pruning needs a per-weight criterion, not {name}")
-    check_sparse_convertible(model, ctx.names, config.method)
+    config.check(model, ctx.names)
     names = unique_names(model, ctx.names)
     scores = criterion(model, names, ctx)
     keeps = keep_masks(

@@ -37,8 +37,6 @@ from slimkit.quant import primitives as P
 from slimkit.quant.calibrate import rows
 from slimkit.quant.common import (
     WeightQuantConfig,
-    check_convertible,
-    check_group_size,
     empty_twin,
 )
 from slimkit.quant.sequential import Group, PerInput, geometry, input_rows, quantize_sequential
@@ -270,8 +268,7 @@ class Activations:
 @register(AWQConfig, types=(nn.Linear, nn.Conv2d, nn.Embedding))
 def apply_awq(model: nn.Module, config: AWQConfig, ctx: Context) -> nn.Module:
     data = ctx.need_data("awq")
-    check_convertible(model, ctx.names, "awq")
-    check_group_size(model, ctx.names, config.group_size)
+    config.check(model, ctx.names)
     quantize_sequential(model, ctx.names, data, lambda g: _awq_group(g, config, ctx), ctx.report)
     return model
 

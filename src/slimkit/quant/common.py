@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from torch import nn
 
 from slimkit.config import Granularity, StageConfig
 from slimkit.errors import ConfigError
+from slimkit.quant import primitives as P
 from slimkit.quant.modules import QuantConv2d, QuantEmbedding, QuantLinear, QuantWeight
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -41,6 +42,12 @@ class WeightQuantConfig(StageConfig):
         if not grouped and self.group_size is not None:
             self.fail("group_size", "null unless granularity is per_group")
 
+    def check(self, model: nn.Module, names: Sequence[str]) -> None:
+        """ConfigError before any work: a selected layer with no quantized twin of its form,
+        or layers whose input size ``group_size`` does not divide (all of them listed)."""
+        check_convertible(model, names, self.method)
+        check_group_sizes(model, names, self.group_size, self._where("group_size"))
+
     def quant_kwargs(self, bits: int | None = None) -> dict[str, Any]:
         """Keyword arguments of the quantized modules for these options."""
         return {
@@ -59,16 +66,24 @@ def input_size(module: nn.Module) -> int:
     return int(weight[0].numel())
 
 
-def check_group_size(model: nn.Module, names: Iterable[str], group_size: int | None) -> None:
-    """ConfigError listing every selected layer whose input size ``group_size`` does not divide."""
+def check_group_sizes(
+    model: nn.Module, names: Iterable[str], group_size: int | None, key: str = "group_size"
+) -> None:
+    """ConfigError listing every selected layer whose input size ``group_size`` does not
+    divide (``primitives.check_group_size`` of each), ``key`` naming the option."""
     if group_size is None:
         return
-    sizes = {name: input_size(model.get_submodule(name)) for name in names}
-    bad = [f"{name} ({k})" for name, k in sizes.items() if k % group_size]
+    bad = []
+    for name in dict.fromkeys(names):
+        k = input_size(model.get_submodule(name))
+        try:
+            P.check_group_size(k, group_size)
+        except ValueError:
+            bad.append(f"{name} ({k})")
     if bad:
         raise ConfigError(
-            f"group_size {group_size} does not divide the input size of "
-            f"{len(bad)} layer(s): {', '.join(bad)}"
+            f"{key} {group_size} does not divide the input size of {len(bad)} layer(s): "
+            f"{', '.join(bad)}; add them to ignore or choose a group_size that divides them"
         )
 
 

@@ -20,25 +20,38 @@ lazily: inside a block of ``block_size`` columns at once, beyond it after the bl
 Linear and Conv2d layers (groups=1; a Conv2d's inputs are unfolded so ``H`` is over
 ``C_in * kh * kw``) get GPTQ; Embedding layers and grouped convolutions have no such
 Hessian and are rounded to nearest at the same settings.
+
+A layer whose Hessian saw fewer calibration rows than it has input columns gets a warning
+naming it and the rows needed; with ``strict: true`` that is a DataError, raised before
+any layer changes (one counting pass over the data first).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from slimkit.data import Batch
 from slimkit.pipeline import Context
 from slimkit.quant import primitives as P
 from slimkit.quant.common import (
     WeightQuantConfig,
-    check_convertible,
-    check_group_size,
     empty_twin,
 )
-from slimkit.quant.sequential import Group, PerInput, geometry, input_rows, quantize_sequential
+from slimkit.quant.sequential import (
+    Group,
+    PerInput,
+    check_rows,
+    columns,
+    geometry,
+    input_rows,
+    quantize_sequential,
+    require_rows,
+)
 from slimkit.registry import register
 from slimkit.select import swap_modules
 
@@ -228,6 +241,8 @@ class GPTQConfig(WeightQuantConfig):
     damp: float = 0.01
     act_order: bool = False
     block_size: int = 128
+    #: too few calibration rows for a layer's Hessian is an error, not a warning
+    strict: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -268,12 +283,30 @@ class Hessians:
         self._memo.clear()
         return self.h.pop(name, None)
 
+    def check_rows(self, group: Group, method: str, strict: bool) -> None:
+        """``check_rows`` of every layer that saw input: a warning (DataError when
+        ``strict``) for a Hessian of fewer rows than input columns."""
+        for name, rows in self.n.items():
+            if rows:
+                where = group.full_name(name)
+                check_rows(where, rows, columns(self.modules[name]), method, strict)
+
+
+def require_hessian_rows(
+    model: nn.Module, names: Sequence[str], data: Sequence[Batch], method: str
+) -> None:
+    """DataError before any work when a selected layer that gets a Hessian would see fewer
+    calibration rows than it has input columns (one counting pass over ``data``)."""
+    hessian = [n for n in dict.fromkeys(names) if uses_hessian(model.get_submodule(n))]
+    require_rows(model, hessian, data, method)
+
 
 @register(GPTQConfig, types=(nn.Linear, nn.Conv2d, nn.Embedding))
 def apply_gptq(model: nn.Module, config: GPTQConfig, ctx: Context) -> nn.Module:
     data = ctx.need_data("gptq")
-    check_convertible(model, ctx.names, "gptq")
-    check_group_size(model, ctx.names, config.group_size)
+    config.check(model, ctx.names)
+    if config.strict:
+        require_hessian_rows(model, ctx.names, data, "GPTQ")
     quantize_sequential(model, ctx.names, data, lambda g: _gptq_group(g, config, ctx), ctx.report)
     return model
 
@@ -286,6 +319,7 @@ def _gptq_group(group: Group, config: GPTQConfig, ctx: Context) -> None:
     if watched:
         with group.watching(stats.watch, watched):
             group.run()
+    stats.check_rows(group, "GPTQ", config.strict)
     quant = config.quant_kwargs()
 
     def make(name: str, module: nn.Module) -> nn.Module:

@@ -39,7 +39,7 @@ from slimkit.config import StageConfig
 from slimkit.data import call, first_tensor
 from slimkit.errors import ConfigError
 from slimkit.pipeline import Context
-from slimkit.prune.bitmask import pack_mask, unpack_mask
+from slimkit.prune.bitmask import check_mask, pack_mask, unpack_mask
 from slimkit.prune.sparse import SparseConv2d, SparseLinear
 from slimkit.quant import packing
 from slimkit.quant.calibrate import TrainBatch, labelled_batches
@@ -417,6 +417,9 @@ class SparseKMeansWeight(KMeansWeight):
 
     def n_params(self) -> int:
         return self.nnz
+
+    def verify(self) -> None:
+        check_mask(self.mask, int(torch.Size(self.weight_shape).numel()), self.nnz)
 
     def describe(self) -> str:
         return (

@@ -34,18 +34,23 @@ from slimkit import registry
 from slimkit.config import Config
 from slimkit.data import Batch, call, first_tensor
 from slimkit.errors import ConfigError, ModelError
-from slimkit.pipeline import Context
+from slimkit.pipeline import Context, eval_mode
 from slimkit.quant.calibrate import check_finite_input
 from slimkit.quant.common import (
     MAX_BITS,
     MIN_BITS,
     WEIGHT_SWAPS,
     WeightQuantConfig,
-    check_convertible,
-    check_group_size,
 )
 from slimkit.quant.primitives import fake_quantize
-from slimkit.quant.sequential import PerInput, geometry, input_rows, token_mask
+from slimkit.quant.sequential import (
+    PerInput,
+    check_rows,
+    columns,
+    geometry,
+    input_rows,
+    token_mask,
+)
 from slimkit.registry import register
 
 QUANTIZERS = ("rtn", "gptq")
@@ -59,7 +64,9 @@ class MixedConfig(WeightQuantConfig):
 
     ``bits`` is not used (leave it unset): each layer's width comes from the allocation.
     ``probe_batches`` calibration batches measure the end-to-end weighting, at ``probe_bits``
-    (the smallest candidate when null). ``damp`` and ``act_order`` go to the gptq quantizer.
+    (the smallest candidate when null). ``damp``, ``act_order`` and ``strict`` go to the gptq
+    quantizer; with ``strict`` and gptq, a layer whose inputs give fewer calibration rows than
+    it has input columns is a DataError before any layer changes.
     """
 
     kind = "quantize"
@@ -72,6 +79,7 @@ class MixedConfig(WeightQuantConfig):
     probe_bits: int | None = None
     damp: float = 0.01
     act_order: bool = False
+    strict: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -263,11 +271,12 @@ class Moments:
             self._memo.clear()
 
 
-def second_moments(
+def collect_moments(
     model: nn.Module, layers: dict[str, nn.Module], data: Sequence[Batch], n_refs: int
-) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """One pass over ``data``: ``H`` (K, K) of every layer in ``layers`` that has one, and the
-    model's first output tensor (real tokens only) on the first ``n_refs`` batches."""
+) -> tuple[Moments, list[torch.Tensor]]:
+    """One pass over ``data``: the input moments of every layer in ``layers`` that has a
+    Hessian, and the model's first output tensor (real tokens only) on the first ``n_refs``
+    batches."""
     stats = Moments({n: m for n, m in layers.items() if has_hessian(m)})
     refs = []
     with stats.hooked(model):
@@ -276,6 +285,15 @@ def second_moments(
             out = call(model, batch)
             if i < n_refs:
                 refs.append(real_rows(_output(out), stats.keep).clone())
+    return stats, refs
+
+
+def second_moments(
+    model: nn.Module, layers: dict[str, nn.Module], data: Sequence[Batch], n_refs: int
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """One pass over ``data``: ``H`` (K, K) of every layer in ``layers`` that has one, and the
+    model's first output tensor (real tokens only) on the first ``n_refs`` batches."""
+    stats, refs = collect_moments(model, layers, data, n_refs)
     return stats.hessians(), refs
 
 
@@ -308,18 +326,6 @@ def swapped_weight(module: nn.Module, w: torch.Tensor) -> Iterator[None]:
         weight.data.copy_(saved)
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Deterministic forwards (no dropout) while open; each module's mode restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.train(mode)
-
-
 def sensitivity(
     model: nn.Module,
     layers: dict[str, nn.Module],
@@ -331,7 +337,11 @@ def sensitivity(
     quant = config.quant_kwargs()
     del quant["bits"]
     probe = list(data[: config.probe_batches])
-    hs, refs = second_moments(model, layers, data, len(probe))
+    stats, refs = collect_moments(model, layers, data, len(probe))
+    if config.strict and config.quantizer == "gptq":
+        for name, rows in stats.counts.items():
+            check_rows(name, rows, columns(layers[name]), "GPTQ", strict=True)
+    hs = stats.hessians()
     probe_width = config.probe_width()
     widths = sorted({*config.widths, probe_width})
     proxies = np.zeros((len(layers), len(widths)))  # (L, B')
@@ -353,7 +363,16 @@ def stage_configs(config: MixedConfig, widths: Sequence[int]) -> dict[int, Confi
     if cls is None:
         raise ConfigError(f"quantize.mixed.quantizer: {config.quantizer!r} is not available")
     own = {f.name for f in dataclasses.fields(cls)}
-    passed = ("granularity", "group_size", "symmetric", "targets", "ignore", "damp", "act_order")
+    passed = (
+        "granularity",
+        "group_size",
+        "symmetric",
+        "targets",
+        "ignore",
+        "damp",
+        "act_order",
+        "strict",
+    )
     shared = {name: getattr(config, name) for name in passed if name in own}
     return {b: cls(bits=b, **shared) for b in widths}  # type: ignore[call-arg]
 
@@ -370,8 +389,7 @@ def distinct_layers(model: nn.Module, names: Sequence[str]) -> dict[str, list[st
 
 @register(MixedConfig, types=tuple(WEIGHT_SWAPS))
 def apply_mixed(model: nn.Module, config: MixedConfig, ctx: Context) -> nn.Module:
-    check_convertible(model, ctx.names, "mixed")
-    check_group_size(model, ctx.names, config.group_size)
+    config.check(model, ctx.names)
     stages = stage_configs(config, config.widths)
     data = ctx.need_data("mixed")
     aliases = distinct_layers(model, ctx.names)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -255,6 +255,10 @@ class QATConfig(StageConfig):
         if self.batch_limit is not None and self.batch_limit < 1:
             self.fail("batch_limit", "an integer >= 1, or null for every batch")
 
+    def check(self, model: nn.Module, names: Sequence[str]) -> None:
+        """ConfigError before any work naming a selected layer with no quantized twin."""
+        check_convertible(model, names, self.method)
+
 
 def training_batches(ctx: Context, limit: int | None) -> list[TrainBatch]:
     """The task's labelled batches (at most ``limit``), checked; DataError when there are none."""
@@ -342,7 +346,7 @@ def convert_layers(model: nn.Module, names: list[str]) -> None:
 @register(QATConfig, types=tuple(QAT_WRAPPERS))
 def apply_qat(model: nn.Module, config: QATConfig, ctx: Context) -> nn.Module:
     data = training_batches(ctx, config.batch_limit)
-    check_convertible(model, ctx.names, "qat")
+    config.check(model, ctx.names)
     with torch.inference_mode(False), torch.enable_grad():
         wrap_layers(model, ctx.names, config)
         batches = [(writable(x), y.clone()) for x, y in data]

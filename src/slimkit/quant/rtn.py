@@ -10,8 +10,6 @@ from slimkit.pipeline import Context
 from slimkit.quant.common import (
     WEIGHT_SWAPS,
     WeightQuantConfig,
-    check_convertible,
-    check_group_size,
     empty_twin,
 )
 from slimkit.registry import register
@@ -28,8 +26,7 @@ class RTNConfig(WeightQuantConfig):
 
 @register(RTNConfig, types=tuple(WEIGHT_SWAPS))
 def apply_rtn(model: nn.Module, config: RTNConfig, ctx: Context) -> nn.Module:
-    check_convertible(model, ctx.names, "rtn")
-    check_group_size(model, ctx.names, config.group_size)
+    config.check(model, ctx.names)
     quant = config.quant_kwargs()
 
     def make(name: str, module: nn.Module) -> nn.Module:

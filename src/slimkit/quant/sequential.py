@@ -23,6 +23,12 @@ whole model is calibrated in one full pass.
 
 Padding: when a batch is a dict with a 2-D ``attention_mask`` (the Hugging Face convention),
 the rows of a 3-D layer input ``(B, T, D)`` whose mask is 0 are left out of the statistics.
+
+Enough rows: a Hessian ``X^T X`` over fewer rows than the layer has input columns is
+singular and the methods built on it (GPTQ, SparseGPT) fit the calibration rows, not the
+layer. ``check_rows`` warns, naming the layer and the rows needed (a DataError when the
+stage is ``strict``); ``count_rows`` counts every layer's rows in one forward pass so that
+a strict stage can refuse before any layer changes.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -467,3 +474,65 @@ def geometry(module: nn.Module) -> tuple[Any, ...]:
     if isinstance(module, nn.Conv2d):
         return ("conv", module.kernel_size, module.stride, module.padding, module.dilation)
     return ("rows",)
+
+
+# -- enough rows for a Hessian ---------------------------------------------------------------
+def columns(module: nn.Module) -> int:
+    """The number of input columns of a layer's Hessian: the length of one weight row."""
+    weight: Any = module.weight
+    return int(weight[0].numel())
+
+
+def check_rows(name: str, rows: int, n_columns: int, method: str, strict: bool) -> None:
+    """Warn (DataError when ``strict``) when a layer's Hessian saw fewer calibration rows
+    than it has input columns."""
+    if rows >= n_columns:
+        return
+    message = (
+        f"layer {name!r}: {rows} calibration rows for {n_columns} input columns; {method} "
+        f"needs at least {n_columns}, give more calibration data"
+    )
+    if strict:
+        raise DataError(message)
+    warnings.warn(message, stacklevel=2)
+
+
+def _row_count(module: nn.Module, x: torch.Tensor, output: Any, feed: Feed) -> int:
+    """Rows ``input_rows`` would give: unfolded patches (one per output position) of a
+    Conv2d, real tokens of a Linear."""
+    if isinstance(module, nn.Conv2d) and isinstance(output, torch.Tensor):
+        images = output.shape[0] if output.dim() == 4 else 1
+        return images * output.shape[-2] * output.shape[-1]
+    real = feed.rows_of(x)
+    return real.numel() // max(1, real.shape[-1])
+
+
+def count_rows(model: nn.Module, names: Sequence[str], data: Sequence[Batch]) -> dict[str, int]:
+    """Calibration rows each named layer sees over ``data`` (one forward pass, no grad)."""
+    feed = Feed()
+    counts = dict.fromkeys(names, 0)
+
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            counts[name] += _row_count(module, args[0], output, feed)
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in names]
+    try:
+        with torch.no_grad():
+            feed.run_batches(model, data)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
+
+
+def require_rows(
+    model: nn.Module, names: Sequence[str], data: Sequence[Batch], method: str
+) -> None:
+    """DataError before any work naming the first layer of ``names`` whose Hessian would see
+    fewer calibration rows over ``data`` than it has input columns."""
+    for name, rows in count_rows(model, names, data).items():
+        if rows:  # a layer the data never reaches is reported by the method itself
+            check_rows(name, rows, columns(model.get_submodule(name)), method, strict=True)

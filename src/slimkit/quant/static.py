@@ -28,8 +28,7 @@ from slimkit.errors import DataError
 from slimkit.pipeline import Context
 from slimkit.quant import primitives as P
 from slimkit.quant.calibrate import run_batches, watching
-from slimkit.quant.common import MAX_BITS, MIN_BITS, WeightQuantConfig, check_convertible
-from slimkit.quant.common import check_group_size as check_layer_group_size
+from slimkit.quant.common import MAX_BITS, MIN_BITS, WeightQuantConfig
 from slimkit.quant.modules import QuantConv2d, QuantLinear, QuantWeight
 from slimkit.quant.observers import OBSERVERS, Observer, make_observer
 from slimkit.registry import register
@@ -258,8 +257,7 @@ def calibrate_ranges(
 @register(StaticQuantConfig, types=tuple(STATIC_SWAPS))
 def apply_static(model: nn.Module, config: StaticQuantConfig, ctx: Context) -> nn.Module:
     data = ctx.need_data("w8a8-static")
-    check_convertible(model, ctx.names, "w8a8-static")
-    check_layer_group_size(model, ctx.names, config.group_size)
+    config.check(model, ctx.names)
     params = calibrate_ranges(model, ctx.names, data, config)
     ctx.report(f"w8a8-static: {config.observer} ranges of {len(params)} layer inputs")
     quant = {

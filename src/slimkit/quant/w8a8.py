@@ -10,7 +10,7 @@ integer codes and scales are the same whichever kernel runs them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from slimkit.quant.calibrate import input_absmax
 from slimkit.quant.smoothquant import smoothing_factors
 from slimkit.registry import register
 from slimkit.select import swap_modules
+from slimkit.spec_rules import Rule, spec_choice
 
 KERNEL_NOTES = {
     "int_mm": "torch._int_mm int8 GEMM",
@@ -40,6 +41,7 @@ class DynamicQuantLinear(CompressedModule):
     qweight: torch.Tensor
     scale: torch.Tensor
     smooth: torch.Tensor | None
+    spec_rules: ClassVar[dict[str, Rule]] = {"kernel": spec_choice("auto", *KERNEL_NOTES)}
 
     def __init__(
         self,

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimkit.constructible import register_constructible
 from slimkit.data import Batch, call, first_tensor
 from slimkit.errors import ConfigError
 from slimkit.io import atomic
@@ -33,6 +34,7 @@ NOISE_LEVELS = (0.1, 0.2, 0.4)
 NOISE_SEED = 1234
 
 
+@register_constructible
 class LeNet5(nn.Module):
     """A LeNet-5-style CNN for (B, 1, 8, 8) images: two conv layers, three linear layers.
 
@@ -58,6 +60,7 @@ class LeNet5(nn.Module):
         return self.fc3(x)  # (B, classes)
 
 
+@register_constructible
 class MLP300100(nn.Module):
     """The LeNet-300-100 MLP on flattened (B, 64) digit images (hidden widths are arguments;
     the defaults are the task's model)."""

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimkit.constructible import register_constructible
 from slimkit.tasks.digits import DigitsTask
 
 SIZE = 32  # the 8x8 digits are upsampled to SIZE x SIZE
@@ -68,6 +69,7 @@ class Concat(nn.Module):
         return torch.cat([a, b], dim=1)  # (B, 2 * half, H, W)
 
 
+@register_constructible
 class MiniResNet(nn.Module):
     """A ResNet-style CNN for (B, 1, 32, 32) digit images, about 80k parameters."""
 

@@ -227,7 +227,9 @@ class TextEncoderTask(Task):
 
         try:
             with _quiet_loading():
-                model = AutoModel.from_pretrained(str(self.model_dir))
+                model = AutoModel.from_pretrained(
+                    str(self.model_dir), local_files_only=True, trust_remote_code=False
+                )
         except (OSError, ValueError, KeyError) as e:
             raise ModelError(f"{self.model_dir}: cannot load the model: {_one_line(e)}") from None
         return model.float().eval()
@@ -263,7 +265,9 @@ class TextEncoderTask(Task):
 
         try:
             with _quiet_loading():
-                config = AutoConfig.from_pretrained(str(self.model_dir))
+                config = AutoConfig.from_pretrained(
+                    str(self.model_dir), local_files_only=True, trust_remote_code=False
+                )
         except (OSError, ValueError, KeyError) as e:
             raise ModelError(f"{self.model_dir}: cannot load the config: {_one_line(e)}") from None
         config.num_hidden_layers = len(even_layers(config.num_hidden_layers, depth))
@@ -280,7 +284,9 @@ class TextEncoderTask(Task):
 
             try:
                 with _quiet_loading():
-                    self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+                    self._tokenizer = AutoTokenizer.from_pretrained(
+                        str(self.model_dir), local_files_only=True, trust_remote_code=False
+                    )
             except (OSError, ValueError, KeyError) as e:
                 raise ModelError(
                     f"{self.model_dir}: cannot load the tokenizer: {_one_line(e)}"
