@@ -356,6 +356,8 @@ def test_crash_between_the_two_renames_restored_by_next_save(art: Path) -> None:
     old = art.parent / scratch.scratch_name(art, "old", pid=pid)
     os.rename(art, old)  # what a crash after the first rename leaves
     stale_dir(art, "stage", pid, "model.safetensors", "slimkit.json")  # the finished new one
+    with pytest.raises(ArtifactError, match="an interrupted save left the previous artifact"):
+        slimkit.load(art)  # says where the old one is
     with pytest.warns(RuntimeWarning, match="restored"), pytest.raises(ArtifactError) as e:
         slimkit.save(model(1), art)  # no overwrite: the old artifact is back in the way
     assert "already holds an artifact" in one_line(e)

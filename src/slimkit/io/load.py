@@ -50,6 +50,7 @@ from slimkit.compressed import (
 )
 from slimkit.errors import ArtifactError, SlimkitError
 from slimkit.io import manifest as mf
+from slimkit.io import scratch
 from slimkit.io.layout import MANIFEST, WEIGHTS
 from slimkit.io.tensors import NAMES, Header, read_header, read_tensor
 from slimkit.select import set_module
@@ -133,7 +134,14 @@ def _artifact_dir(p: Path) -> Path:
             )
         raise ArtifactError(f"{p} is a file; an artifact is a directory with {MANIFEST}")
     if not p.is_dir():
-        raise ArtifactError(f"artifact not found: {p}")
+        olds = [q.name for q, kind in scratch.candidates(p) if kind == "old"]
+        hint = (
+            f" (an interrupted save left the previous artifact at {p.parent / olds[0]}; "
+            "saving to the same path again restores it first)"
+            if olds
+            else ""
+        )
+        raise ArtifactError(f"artifact not found: {p}{hint}")
     if not os.path.lexists(p / MANIFEST):
         pickles = sorted(f.name for f in p.iterdir() if f.suffix in _PICKLE_SUFFIXES)
         hint = f" (pickle files such as {pickles[0]} are never loaded)" if pickles else ""

@@ -135,7 +135,7 @@ def tidy(target: Path) -> list[str]:
     ``target`` is missing. Returns one line per thing done (for a note or a log)."""
     done: list[str] = []
     olds: list[Scratch] = []
-    for path, kind in _candidates(target):
+    for path, kind in candidates(target):
         claimed = _claim(path, kind)
         if claimed is None:
             continue
@@ -148,7 +148,7 @@ def tidy(target: Path) -> list[str]:
     return done
 
 
-def _candidates(target: Path) -> list[tuple[Path, str]]:
+def candidates(target: Path) -> list[tuple[Path, str]]:
     """Directories beside ``target`` named as its scratch (kind ``legacy`` for old names)."""
     try:
         entries = list(os.scandir(target.parent))
