@@ -146,19 +146,12 @@ def test_a_file_name_leaving_the_directory_is_refused(tmp_path: Path) -> None:
         assert "6 bytes" not in text  # nothing learnt about the outside file
 
 
-def test_symlinked_weights_are_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["model.safetensors", "slimkit.json"])
+def test_a_symlinked_artifact_file_is_refused(tmp_path: Path, name: str) -> None:
     art = _copy("fp32", tmp_path)
-    outside = tmp_path / "outside.safetensors"
-    (art / "model.safetensors").rename(outside)
-    os.symlink(outside, art / "model.safetensors")
-    _refused(art, "symbolic link")
-
-
-def test_a_symlinked_manifest_is_refused(tmp_path: Path) -> None:
-    art = _copy("fp32", tmp_path)
-    outside = tmp_path / "outside.json"
-    (art / "slimkit.json").rename(outside)
-    os.symlink(outside, art / "slimkit.json")
+    outside = tmp_path / f"outside-{name}"
+    (art / name).rename(outside)
+    os.symlink(outside, art / name)
     _refused(art, "symbolic link")
 
 

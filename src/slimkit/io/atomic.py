@@ -17,22 +17,17 @@ from pathlib import Path
 TEMP_MARK = "slimkit-tmp"
 
 
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Flush a directory entry (so a rename inside it survives a crash)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_file(path: str | os.PathLike[str]) -> None:
-    """Flush a file's data to disk."""
+    """Flush a file's data (or a directory's entries) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+#: flush a directory entry, so that a rename inside it survives a crash
+fsync_dir = fsync_file
 
 
 def current_umask() -> int:

@@ -77,15 +77,8 @@ _GEOMETRY = (
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The checked manifest of the artifact at ``path``, its weights file verified."""
     p = _artifact_dir(Path(os.path.abspath(path)))
-    with _guard(p, "reading the manifest"), _directory(p) as dir_fd:
-        manifest = mf.read_manifest_fd(p, dir_fd)
-        fd = mf.open_member(p, dir_fd, WEIGHTS)
-        try:
-            mf.verify_file(p, fd, WEIGHTS, manifest["files"][WEIGHTS])
-            read_header(p / WEIGHTS, fd)
-        finally:
-            os.close(fd)
-    return manifest
+    with _guard(p, "reading the manifest"), _opened(p) as (manifest, _, _):
+        return manifest
 
 
 def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
@@ -99,20 +92,13 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     directory, or a class registered with ``slimkit.register_constructible``).
     """
     p = _artifact_dir(Path(os.path.abspath(path)))
-    with _guard(p, "loading"), _directory(p) as dir_fd:
-        _check_entries(p)
-        manifest = mf.read_manifest_fd(p, dir_fd)
-        fd = mf.open_member(p, dir_fd, WEIGHTS)
-        try:
-            mf.verify_file(p, fd, WEIGHTS, manifest["files"][WEIGHTS])
-            header = read_header(p / WEIGHTS, fd)
+    with _guard(p, "loading"):
+        with _opened(p) as (manifest, fd, header):
             budget = 16 * os.fstat(fd).st_size + _SLACK_BYTES
             _load_known()
             base = model if model is not None else _rebuild_base(p, manifest["source"], budget)
             _replay(p, base, manifest["modules"], budget)
             _fill(p, base, header, fd)
-        finally:
-            os.close(fd)
         _verify(p, base, manifest)
     from slimkit.pipeline import set_info
 
@@ -175,10 +161,19 @@ def _check_entries(p: Path) -> None:
 
 
 @contextlib.contextmanager
-def _directory(p: Path) -> Iterator[int]:
-    fd = mf.open_dir(p)
+def _opened(p: Path) -> Iterator[tuple[dict[str, Any], int, Header]]:
+    """The artifact ``p``'s checked manifest, its weights file open (size and sha256
+    verified on this descriptor, which the tensors are then read from) and checked header."""
+    _check_entries(p)
+    dir_fd = mf.open_dir(p)
     try:
-        yield fd
+        manifest = mf.read_manifest_fd(p, dir_fd)
+        fd = mf.open_member(p, dir_fd, WEIGHTS)
+    finally:
+        os.close(dir_fd)
+    try:
+        mf.verify_file(p, fd, WEIGHTS, manifest["files"][WEIGHTS])
+        yield manifest, fd, read_header(p / WEIGHTS, fd)
     finally:
         os.close(fd)
 
