@@ -150,3 +150,39 @@ def time_rows(
     for (row, _), lat in zip(timed, latency, strict=True):
         row["latency_ms"], row["latency"] = lat["median"], lat
     return max(load_before, os.getloadavg()[0])
+
+
+# -- the machine ------------------------------------------------------------------------------
+#: the instruction sets that decide which int8 and bf16 kernels are fast
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+
+
+def cpu_info(cpuinfo: str) -> tuple[str, dict[str, bool]]:
+    """(CPU model name, presence of each of CPU_FLAGS) from /proc/cpuinfo text."""
+    model, flags = "unknown", set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model == "unknown":
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return model, {f: f in flags for f in CPU_FLAGS}
+
+
+def cpu_model(cpuinfo: str) -> str:
+    """The ``model name`` of /proc/cpuinfo text, or ``unknown``."""
+    return cpu_info(cpuinfo)[0]
+
+
+def cpu_line(cpuinfo: str | None = None) -> str:
+    """``MODEL (int8/bf16 instruction sets: ...)`` of this machine (or of ``cpuinfo``)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    model, flags = cpu_info(cpuinfo)
+    found = ", ".join(f for f, present in flags.items() if present) or "none of " + ", ".join(
+        CPU_FLAGS
+    )
+    return f"{model} (int8/bf16 instruction sets: {found})"

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import markdown_table
+from _common import cpu_line, markdown_table
 
 from slimkit.io.atomic import write_text
 
@@ -284,14 +284,6 @@ def _tmp_baselines() -> set[str]:
 
 
 # -- the table (pure) -----------------------------------------------------------------------------
-def cpu_model(cpuinfo: str) -> str:
-    """The ``model name`` line of /proc/cpuinfo text, or ``unknown``."""
-    for line in cpuinfo.splitlines():
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return "unknown"
-
-
 def table(rows: list[dict[str, Any]]) -> str:
     header = (
         "| run | runs | killed mid-run | old whole | new whole | broken "
@@ -342,7 +334,7 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(table(rows), flush=True)
         if args.compress_kills:
             rows.append(run_compress(Path(tmp) / "compress", args.compress_kills, rng))
-    cpu = cpu_model(Path("/proc/cpuinfo").read_text()) if Path("/proc/cpuinfo").exists() else "?"
+    cpu = cpu_line()
     text = render(rows, cpu)
     print("\n" + text, flush=True)
     if not args.no_write:

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _common import markdown_table
+from _common import cpu_line, markdown_table
 
 from slimkit.io.atomic import write_text
 
@@ -138,7 +138,8 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     text = (
         "# Reproducible artifacts\n\nEach recipe compressed twice (fresh processes, "
-        "SOURCE_DATE_EPOCH=0); the artifact files compared byte for byte.\n\n" + table(rows)
+        f"SOURCE_DATE_EPOCH=0); the artifact files compared byte for byte. CPU: {cpu_line()}."
+        "\n\n" + table(rows)
     )
     print("\n" + text, flush=True)
     if not args.no_write:

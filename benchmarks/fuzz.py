@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import _fuzz
-from _common import format_targets, markdown_table, target, write_sections
+from _common import cpu_line, format_targets, markdown_table, target, write_sections
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -40,14 +40,6 @@ SHOWN = ("slimkit-error", "other-exception", "forward-error", "loads-same", "loa
 
 
 # -- tables (pure) ----------------------------------------------------------------------------
-def cpu_model(cpuinfo: str) -> str:
-    """The ``model name`` line of /proc/cpuinfo text, or ``unknown``."""
-    for line in cpuinfo.splitlines():
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return "unknown"
-
-
 def count_rows(table: dict[str, Counter[str]], label: str) -> list[dict[str, Any]]:
     """One row per key: its outcome counts and total."""
     return [
@@ -160,10 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=3, help="examples per bad outcome")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
-    try:
-        cpu = cpu_model(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        cpu = "unknown"
+    cpu = cpu_line()
     print(f"CPU: {cpu} ({os.cpu_count()} cores)", flush=True)
     report = _fuzz.fuzz(args.mutations, args.seed, workers=args.workers, timeout=args.timeout)
     result = section(report, args, cpu)

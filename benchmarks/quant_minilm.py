@@ -33,7 +33,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from _common import format_targets, markdown_table, shipped_recipe, target
+from _common import cpu_info, format_targets, markdown_table, shipped_recipe, target
 
 from slimkit.io.atomic import write_text
 
@@ -67,7 +67,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # minilm-topics has no labels to fine-tune shared values on
     "kmeans-4bit-noft": ("kmeans-4bit", {"finetune_epochs": 0}),
 }
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 VERSIONS = ("transformers", "torchao", "hqq", "optimum-quanto", "onnx", "onnxruntime")
 
 # targets
@@ -347,18 +346,6 @@ def with_options(recipe: dict[str, Any], changes: dict[str, Any], name: str) -> 
             options = {**options, **changes}
         stages.append({kind: options})
     return {"name": name, "stages": stages}
-
-
-def cpu_info(cpuinfo: str) -> tuple[str, dict[str, bool]]:
-    """(CPU model name, presence of each of CPU_FLAGS) from /proc/cpuinfo text."""
-    model, flags = "unknown", set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and model == "unknown":
-            model = value.strip()
-        elif key.strip() == "flags" and not flags:
-            flags = set(value.split())
-    return model, {f: f in flags for f in CPU_FLAGS}
 
 
 def one_line(e: BaseException) -> str:

@@ -166,7 +166,7 @@ def test_with_options_changes_only_quantize_stages(bench):
     assert recipe["stages"][1]["quantize"]["bits"] == 4  # the input is not modified
 
 
-def test_cpu_info_reads_model_and_int8_flags(bench):
+def test_cpu_info_reads_model_and_int8_bf16_flags(bench):
     text = (
         "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512f avx512_vnni\n"
         "processor\t: 1\nmodel name\t: other\nflags\t\t: fpu\n"
@@ -178,7 +178,9 @@ def test_cpu_info_reads_model_and_int8_flags(bench):
         "avx512f": True,
         "avx512_vnni": True,
         "avx_vnni": False,
+        "avx512_bf16": False,
         "amx_int8": False,
+        "amx_bf16": False,
     }
     assert bench.cpu_info("") == ("unknown", dict.fromkeys(bench.CPU_FLAGS, False))
 

@@ -69,5 +69,6 @@ def test_table_and_verdict(crash: ModuleType) -> None:
 
 
 def test_cpu_model(crash: ModuleType) -> None:
-    assert crash.cpu_model("processor : 0\nmodel name\t: Some CPU @ 2GHz\n") == "Some CPU @ 2GHz"
-    assert crash.cpu_model("") == "unknown"
+    text = "processor : 0\nmodel name\t: Some CPU @ 2GHz\nflags\t: fpu avx2 amx_bf16\n"
+    assert crash.cpu_line(text) == "Some CPU @ 2GHz (int8/bf16 instruction sets: avx2, amx_bf16)"
+    assert crash.cpu_line("").startswith("unknown (int8/bf16 instruction sets: none of avx2")
