@@ -182,7 +182,7 @@ def test_cpu_info_reads_model_and_int8_bf16_flags(bench):
         "amx_int8": False,
         "amx_bf16": False,
     }
-    assert bench.cpu_info("") == ("unknown", dict.fromkeys(bench.CPU_FLAGS, False))
+    assert bench.cpu_info("") == ("unknown", dict.fromkeys(flags, False))
 
 
 def test_plan_runs_and_extrapolate(bench):
