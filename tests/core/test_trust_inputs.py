@@ -401,6 +401,20 @@ def test_precheck_checks_each_stage(stage: dict[str, Any], expected: str) -> Non
     assert "fc2 (16)" in str(info.value) and "fc1" not in str(info.value)
 
 
+def test_precheck_checks_an_explicit_svd_rank() -> None:
+    recipe = Recipe.from_dict(one_stage("factorize", method="svd", rank=4, targets=["fc*"]))
+    pipeline.precheck(wide(), recipe)  # rank 4 fits fc1 (64 -> 16) and fc2 (16 -> 4)
+    recipe = Recipe.from_dict(one_stage("factorize", method="svd", rank=8, targets=["fc*"]))
+    with pytest.raises(ConfigError, match=r"got 8; layer 'fc2' \(16 -> 4\) allows at most rank 4"):
+        pipeline.precheck(wide(), recipe)
+
+
+def test_precheck_checks_heads_ffn_without_attention() -> None:
+    recipe = Recipe.from_dict(one_stage("prune", method="heads-ffn", criterion="magnitude"))
+    with pytest.raises(ModelError, match="no BERT-like attention layer"):
+        pipeline.precheck(wide(), recipe)
+
+
 def test_precheck_skips_layers_an_earlier_stage_replaces() -> None:
     # prune replaces fc2 first; the group check of the later stage does not see it as float
     recipe = Recipe.from_dict(

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import slimkit
+from slimkit import pipeline
 from slimkit.compressed import count_params
 from slimkit.errors import ConfigError, DataError, ModelError
 from slimkit.prune.transformer import (
@@ -120,6 +121,11 @@ def test_finds_bert_layers() -> None:
     assert [(s.up, s.down) for s in ffn] == [
         (f"encoder.layer.{i}.intermediate.dense", f"encoder.layer.{i}.output.dense") for i in (0, 1)
     ]
+
+
+def test_too_many_heads_fails_in_the_precheck() -> None:
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.prune: .*heads.*at most 3"):
+        pipeline.precheck(bert(), Recipe.from_dict(recipe(heads=HEADS)))
 
 
 def test_model_without_attention_is_model_error() -> None:

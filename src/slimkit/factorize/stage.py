@@ -331,6 +331,18 @@ class SVDConfig(FactorizeConfig):
         if self.allocate is Allocate.SENSITIVITY and self.ratio is None:
             self.fail("allocate", "uniform, or sensitivity together with ratio")
 
+    def check(self, model: nn.Module, names: Sequence[str]) -> None:
+        """ConfigError for an explicit ``rank`` above a selected layer's min(in, out)."""
+        if self.rank is None:
+            return
+        for name, m in _unique(model, names).items():
+            top = min(m.in_features, m.out_features) if isinstance(m, nn.Linear) else None
+            if top is not None and self.rank > top:
+                raise ConfigError(
+                    f"{self._where('rank')}: got {self.rank}; layer {name!r} "
+                    f"({m.in_features} -> {m.out_features}) allows at most rank {top}"
+                )
+
 
 @dataclasses.dataclass(frozen=True)
 class TuckerConfig(FactorizeConfig):
@@ -359,7 +371,7 @@ class SpatialSVDConfig(FactorizeConfig):
 Make = Callable[[], nn.Module]
 
 
-def _unique(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+def _unique(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
     """The first name of each distinct selected module."""
     out: dict[str, nn.Module] = {}
     seen: set[int] = set()
@@ -441,13 +453,7 @@ def _linear_ranks(
     """Each layer's rank (before the shrink check); ConfigError for a rank a layer cannot
     take, before anything changes."""
     if config.rank is not None:
-        for name, m in layers.items():
-            top = min(m.in_features, m.out_features)
-            if config.rank > top:
-                raise ConfigError(
-                    f"{config._where('rank')}: got {config.rank}; layer {name!r} "
-                    f"({m.in_features} -> {m.out_features}) allows at most rank {top}"
-                )
+        config.check(model, list(layers))
         return dict.fromkeys(layers, config.rank)
     if config.energy is not None:
         return {

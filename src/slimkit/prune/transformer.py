@@ -72,6 +72,12 @@ class HeadsFFNConfig(StageConfig):
         if not 0.0 <= self.ffn_ratio < 1.0:
             self.fail("ffn_ratio", "a fraction in [0, 1) of the FFN neurons removed per layer")
 
+    def check(self, model: nn.Module, names: Sequence[str]) -> None:
+        """ModelError for a model without attention layers; ConfigError for ``heads`` not
+        below a selected attention layer's head count."""
+        attention, _ = selected_sites(model, names)
+        check_heads(attention, self)
+
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSite:
@@ -252,9 +258,11 @@ def compensate_biases(model: nn.Module, plan: Plan, means: dict[str, torch.Tenso
 
 
 # -- planning ----------------------------------------------------------------------------
-def selected_sites(model: nn.Module, ctx: Context) -> tuple[list[AttentionSite], list[FFNSite]]:
-    """The attention and FFN sites whose Linear layers are all selected; ModelError when
-    the model holds no attention layer."""
+def selected_sites(
+    model: nn.Module, names: Sequence[str]
+) -> tuple[list[AttentionSite], list[FFNSite]]:
+    """The attention and FFN sites whose Linear layers are all in ``names``; ModelError
+    when the model holds no attention layer."""
     attention, ffn = find_attention(model), find_ffn(model)
     if not attention:
         raise ModelError(
@@ -262,7 +270,7 @@ def selected_sites(model: nn.Module, ctx: Context) -> tuple[list[AttentionSite],
             "and value Linear layers and num_attention_heads / attention_head_size / "
             "all_head_size, whose parent has output.dense"
         )
-    chosen = set(ctx.names)
+    chosen = set(names)
     attention = [
         s for s in attention
         if {_join(s.name, p) for p in PROJECTIONS} | {s.out} <= chosen
@@ -308,7 +316,7 @@ def plan_ffn(
 
 def prune_heads_ffn(model: nn.Module, config: HeadsFFNConfig, ctx: Context) -> nn.Module:
     """Find, check, score and rebuild; the model changes only after every check."""
-    attention, ffn = selected_sites(model, ctx)
+    attention, ffn = selected_sites(model, ctx.names)
     check_heads(attention, config)
     if config.heads == 0:
         attention = []

@@ -583,6 +583,9 @@ class KMeansConfig(StageConfig):
         if not (math.isfinite(self.lr) and self.lr > 0):
             self.fail("lr", "a positive finite number")
 
+    def check(self, model: nn.Module, names: Sequence[str]) -> None:
+        check_kmeans_convertible(model, names)
+
 
 def check_kmeans_convertible(model: nn.Module, names: Sequence[str]) -> None:
     """ConfigError naming the first selected layer that has no k-means twin of its form."""
@@ -606,7 +609,7 @@ def training_batches(model: nn.Module, ctx: Context, epochs: int) -> list[TrainB
 
 @register(KMeansConfig, types=(*KMEANS_SWAPS, SparseLinear, SparseConv2d))
 def apply_kmeans(model: nn.Module, config: KMeansConfig, ctx: Context) -> nn.Module:
-    check_kmeans_convertible(model, ctx.names)
+    config.check(model, ctx.names)
     epochs = config.finetune_epochs
     batches = training_batches(model, ctx, epochs) if epochs > 0 else []
 
