@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from slimkit.io.atomic import write_text
+from slimkit.atomic import write_text
 
 Row = dict[str, Any]
 Table = Callable[[list[Row]], str]

@@ -129,7 +129,7 @@ SOURCES: tuple[dict[str, Any], ...] = (
     {"class": "slimkit.tasks.digits:LeNet5"},
     {"class": "slimkit.tasks.digits:MLP300100"},
     {"class": "code:interact"},
-    {"class": "slimkit.nas.space:SearchedCNN", "kwargs": {"in_shape": [1, 8, 8]}},
+    {"class": "slimkit.tasks.searched:SearchedCNN", "kwargs": {"in_shape": [1, 8, 8]}},
     {"class": "slimkit.tasks.digits:LeNet5", "kwargs": {"conv1": 1_000_000_000}},
     {"class": "subprocess:Popen", "kwargs": {"args": ["true"]}},
     {"caller": "Model"},
@@ -1128,14 +1128,6 @@ def serve(config: dict[str, Any]) -> None:
     torch.set_num_threads(1)
     for path in config.get("sys_path", []):
         sys.path.insert(0, path)
-    import slimkit.errors  # noqa: F401  (the child classifies its exceptions with it)
-
-    try:
-        from slimkit import registry, tasks  # noqa: F401
-
-        registry.load_builtin()
-    except ImportError:
-        pass
     load = _resolve(config["loader"])
     inputs: dict[str, Any] = {}
     for warm in config.get("warm", []):  # lazy imports and caches, once

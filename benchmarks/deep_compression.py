@@ -22,7 +22,7 @@ from typing import Any
 
 from _common import drop_points, error_line, fmt, format_targets, markdown_table, target
 
-from slimkit.io.atomic import write_text
+from slimkit.atomic import write_text
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

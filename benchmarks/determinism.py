@@ -22,7 +22,7 @@ from typing import Any
 
 from _common import cpu_line, markdown_table
 
-from slimkit.io.atomic import write_text
+from slimkit.atomic import write_text
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

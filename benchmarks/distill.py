@@ -267,7 +267,7 @@ def minilm_section(work: Path) -> dict[str, Any]:
 
     import slimkit
     from slimkit.compressed import count_params
-    from slimkit.pipeline import set_info
+    from slimkit.model_info import set_info
     from slimkit.tasks import get
 
     task = get(MINILM)

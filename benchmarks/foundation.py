@@ -17,8 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from slimkit.atomic import write_text
 from slimkit.cli import main as slimkit_main
-from slimkit.io.atomic import write_text
 
 HERE = Path(__file__).resolve().parent
 RECIPE = HERE.parent / "recipes" / "w8-rtn.yaml"

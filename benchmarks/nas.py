@@ -28,7 +28,7 @@ from _common import (
     target,
 )
 
-from slimkit.io.atomic import write_text
+from slimkit.atomic import write_text
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -112,7 +112,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
     import slimkit
     import slimkit.nas.stage  # registers the stage
-    from slimkit.pipeline import info
+    from slimkit.model_info import info
     from slimkit.tasks import get
 
     torch.set_num_threads(THREADS)

@@ -49,7 +49,7 @@ from _common import (
     time_rows,
 )
 
-from slimkit.io.atomic import write_text
+from slimkit.atomic import write_text
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

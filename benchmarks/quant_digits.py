@@ -37,7 +37,7 @@ from _common import (  # noqa: E402
 )
 from quant_minilm import dir_bytes, with_options  # noqa: E402
 
-from slimkit.io.atomic import write_text  # noqa: E402
+from slimkit.atomic import write_text  # noqa: E402
 
 RESULTS = HERE / "results"
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "kl")

@@ -35,7 +35,7 @@ from typing import Any
 
 from _common import cpu_info, format_targets, markdown_table, shipped_recipe, target
 
-from slimkit.io.atomic import write_text
+from slimkit.atomic import write_text
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

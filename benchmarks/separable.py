@@ -31,7 +31,7 @@ from _common import (
     target,
 )
 
-from slimkit.io.atomic import write_text
+from slimkit.atomic import write_text
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

@@ -32,7 +32,7 @@ import torch
 from _common import fmt, markdown_table, ratio
 from torch import nn
 
-from slimkit.io.atomic import write_text
+from slimkit.atomic import write_text
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -158,7 +158,7 @@ def _median(lat: dict[str, Any]) -> float:
 def layer_row(out_f: int, in_f: int, density: float, batch: int, runs: int) -> dict[str, Any]:
     """One shape, density and batch: the three kernels timed alternately."""
     from slimkit.evaluate.latency import time_alternating
-    from slimkit.prune.sparse import SparseLinear, row_bucket
+    from slimkit.layers.sparse import SparseLinear, row_bucket
 
     dense = pruned_linear(out_f, in_f, density)
     layers = [SparseLinear.from_float(dense, kernel=k).eval() for k in KERNELS]
@@ -219,7 +219,7 @@ def model_section(runs: int, work: Path) -> list[dict[str, Any]]:
     import slimkit
     from slimkit.compressed import count_params
     from slimkit.evaluate.latency import time_alternating
-    from slimkit.prune.sparse import SparseLinear, row_bucket
+    from slimkit.layers.sparse import SparseLinear, row_bucket
 
     fp32, path = pruned_mlp(work)
     # one loaded copy per kernel, so no copy's cached weight form is dropped by another's

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slimkit.io.atomic import write_text
+from slimkit.atomic import write_text
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

@@ -9,9 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from slimkit import pipeline
+from slimkit import builtin, pipeline  # noqa: F401  (builtin: the techniques made known)
+from slimkit.context import Progress
 from slimkit.data import as_batches
 from slimkit.io import artifact
+from slimkit.model_info import set_info
 from slimkit.recipe import Recipe, as_recipe
 
 if TYPE_CHECKING:
@@ -33,7 +35,7 @@ def compress(
     data: Iterable[Any] | None = None,
     task: Task | str | None = None,
     *,
-    progress: pipeline.Progress | None = None,
+    progress: Progress | None = None,
 ) -> nn.Module:
     """Apply ``recipe``'s stages to ``model`` (in place) and return the compressed model.
 
@@ -44,7 +46,7 @@ def compress(
     the_task = _task(task)
     batches = as_batches(data)
     model, _ = pipeline.run(model, rec, data=batches, task=the_task, progress=progress)
-    pipeline.set_info(
+    set_info(
         model,
         recipe=rec.to_dict(),
         source=the_task.source() if the_task is not None else None,

@@ -287,8 +287,8 @@ def search_cmd(
     import json
 
     from slimkit import tasks
+    from slimkit.atomic import write_text
     from slimkit.io.artifact import check_target
-    from slimkit.io.atomic import write_text
     from slimkit.io.save import Staging
     from slimkit.nas.stage import NasConfig, run_search, space_of, summary
 

@@ -34,25 +34,33 @@ def key_of(cls: type) -> str:
 
 
 @overload
-def register_constructible(cls: C, *, kwargs: bool = False) -> C: ...
+def register_constructible(cls: C, *, kwargs: bool = False, former: tuple[str, ...] = ()) -> C: ...
 
 
 @overload
-def register_constructible(cls: None = None, *, kwargs: bool = False) -> Callable[[C], C]: ...
+def register_constructible(
+    cls: None = None, *, kwargs: bool = False, former: tuple[str, ...] = ()
+) -> Callable[[C], C]: ...
 
 
-def register_constructible(cls: C | None = None, *, kwargs: bool = False) -> C | Callable[[C], C]:
+def register_constructible(
+    cls: C | None = None, *, kwargs: bool = False, former: tuple[str, ...] = ()
+) -> C | Callable[[C], C]:
     """Allow ``slimkit.load`` to construct ``cls`` (an ``nn.Module`` subclass) when an
     artifact names it. ``kwargs``: the class records its constructor arguments with a
-    ``rebuild_kwargs()`` method returning JSON scalars and lists. Usable as a decorator,
-    bare or as ``@register_constructible(kwargs=True)``."""
+    ``rebuild_kwargs()`` method returning JSON scalars and lists. ``former``: other
+    ``module:QualName`` keys older artifacts recorded for the same class (it moved); they
+    load, new artifacts record the current key. Usable as a decorator, bare or as
+    ``@register_constructible(kwargs=True)``."""
     if cls is None:
-        return lambda c: register_constructible(c, kwargs=kwargs)
+        return lambda c: register_constructible(c, kwargs=kwargs, former=former)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError(f"register_constructible needs an nn.Module subclass, got {cls!r}")
     if kwargs and not callable(getattr(cls, "rebuild_kwargs", None)):
         raise TypeError(f"{cls.__qualname__} has no rebuild_kwargs() method")
-    _CLASSES[key_of(cls)] = Constructible(cls, kwargs)
+    entry = Constructible(cls, kwargs)
+    for key in (key_of(cls), *former):
+        _CLASSES[key] = entry
     return cls
 
 

@@ -66,3 +66,12 @@ def as_batches(data: Iterable[Any] | None, where: str = "data") -> list[Batch] |
     if not batches:
         raise DataError(f"{where}: is empty; give at least one batch of model inputs")
     return batches
+
+
+def writable(batch: Batch) -> Batch:
+    """A copy usable by autograd (data made under inference mode cannot be)."""
+    if isinstance(batch, dict):
+        return {k: v.clone() for k, v in batch.items()}
+    if isinstance(batch, tuple | list):
+        return tuple(t.clone() for t in batch)
+    return batch.clone()

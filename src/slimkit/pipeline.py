@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,41 +15,21 @@ from torch import nn
 from slimkit import registry
 from slimkit.compressed import CompressedModule
 from slimkit.config import StageConfig
+from slimkit.context import Context, Progress
 from slimkit.data import Batch, call
-from slimkit.errors import ConfigError, DataError, ModelError, SelectionError
+from slimkit.errors import ConfigError, DataError, SelectionError
+from slimkit.model_info import (
+    check_finite,
+    check_float32,
+    eval_mode,
+    restore_training,
+    training_flags,
+)
 from slimkit.recipe import Recipe
 from slimkit.select import module_types, select, select_names, tied_weights
 
 if TYPE_CHECKING:
     from slimkit.tasks.base import Task
-
-Progress = Callable[[str], None]
-
-
-@dataclasses.dataclass
-class Context:
-    """What a handler may use besides the model and its config."""
-
-    names: list[str]  # modules selected for this stage
-    data: list[Batch] | None = None
-    task: Task | None = None
-    progress: Progress | None = None
-    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
-    #: the model as it entered the recipe (an eval-mode copy without gradients), when a stage
-    #: of the recipe asks for it (``needs_original`` on its config, e.g. distillation from it)
-    original: nn.Module | None = None
-
-    def need_data(self, what: str) -> list[Batch]:
-        """Calibration batches, or a DataError before any work when there are none."""
-        if self.data is None and self.task is not None:
-            self.data = self.task.calibration_data()
-        if not self.data:
-            raise DataError(f"{what} needs calibration data: pass data= or a task")
-        return self.data
-
-    def report(self, message: str) -> None:
-        if self.progress is not None:
-            self.progress(message)
 
 
 @dataclasses.dataclass
@@ -58,55 +37,6 @@ class StageTiming:
     kind: str
     method: str
     seconds: float
-
-
-def check_float32(model: nn.Module) -> None:
-    """ModelError naming the first floating-point parameter that is not float32."""
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and p.dtype != torch.float32:
-            dtype = str(p.dtype).removeprefix("torch.")
-            raise ModelError(
-                f"model parameter {name!r} is {dtype}; slimkit compresses float32 models: "
-                "call model.float() first"
-            )
-
-
-def check_finite(model: nn.Module) -> None:
-    """ModelError naming the first layer whose parameters or buffers hold NaN or Inf."""
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            layer, _, tensor = name.rpartition(".")
-            bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
-            raise ModelError(f"layer {layer or '<root>'!r} has {bad} in its {tensor}")
-
-
-# -- training flags --------------------------------------------------------------------------
-def training_flags(model: nn.Module) -> dict[str, bool]:
-    """The ``training`` flag of every submodule, by name."""
-    return {name: m.training for name, m in model.named_modules()}
-
-
-def restore_training(model: nn.Module, flags: dict[str, bool]) -> None:
-    """Set each submodule's ``training`` flag back to ``flags[name]``; a module under a name
-    ``flags`` does not know (a layer a stage swapped in, or its children) takes its parent's."""
-    now: dict[str, bool] = {}
-    for name, m in model.named_modules():  # parents come before their children
-        parent = name.rpartition(".")[0]
-        m.training = flags[name] if name in flags else now.get(parent, flags.get("", False))
-        now[name] = m.training
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode while open (no dropout, normalisation statistics untouched);
-    every submodule's ``training`` flag restored after."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 # -- calibration data ------------------------------------------------------------------------
@@ -270,13 +200,3 @@ def _selected(model: nn.Module, recipe: Recipe, i: int) -> list[str]:
     except SelectionError as e:
         raise SelectionError(f"recipe {recipe.name!r} stages[{i}].{stage.kind}: {e}") from None
     return untied(model, names, stage)
-
-
-def info(model: nn.Module) -> dict[str, Any]:
-    """What slimkit recorded on ``model`` (recipe, source); empty for a plain model."""
-    return dict(getattr(model, "_slimkit_info", {}) or {})
-
-
-def set_info(model: nn.Module, **values: Any) -> None:
-    merged = {**info(model), **{k: v for k, v in values.items() if v is not None}}
-    object.__setattr__(model, "_slimkit_info", merged)

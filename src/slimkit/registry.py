@@ -1,7 +1,8 @@
 """Config type -> handler. ``@register(ConfigCls)`` on a handler ``apply(model, config, ctx)``.
 
 The pipeline looks handlers up by the config's type; the recipe parser looks config types up
-by ``(kind, method)``. Nothing here knows any technique.
+by ``(kind, method)``. Nothing here knows any technique: ``slimkit.builtin`` imports the
+built-in ones (their decorators fill the tables) when ``slimkit`` is imported.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from slimkit.config import Config
-    from slimkit.pipeline import Context
+    from slimkit.context import Context
 
 Handler = Callable[[nn.Module, "Config", "Context"], nn.Module]
 H = TypeVar("H", bound=Callable[..., nn.Module])
@@ -50,34 +51,7 @@ def register(config_cls: type[Config], types: tuple[type[nn.Module], ...] = ()) 
     return deco
 
 
-def load_builtin() -> None:
-    """Import the built-in techniques (their @register decorators fill the registry)."""
-    # importing the technique packages runs their @register decorators
-    import slimkit.encode.stage
-    import slimkit.factorize.stage
-    import slimkit.nas.stage
-    import slimkit.prune.magnitude
-    import slimkit.prune.nm
-    import slimkit.prune.schedule
-    import slimkit.prune.sparsegpt
-    import slimkit.prune.structured
-    import slimkit.prune.transformer
-    import slimkit.prune.unstructured
-    import slimkit.quant.awq
-    import slimkit.quant.gptq
-    import slimkit.quant.kmeans
-    import slimkit.quant.mixed
-    import slimkit.quant.qat
-    import slimkit.quant.rtn
-    import slimkit.quant.static
-    import slimkit.quant.w8a8
-    import slimkit.separable.stage
-    import slimkit.train.distill
-    import slimkit.train.finetune  # noqa: F401
-
-
 def handler_for(config: Config) -> Handler:
-    load_builtin()
     try:
         return _HANDLERS[type(config)]
     except KeyError:
@@ -85,20 +59,16 @@ def handler_for(config: Config) -> Handler:
 
 
 def config_class(kind: str, method: str) -> type[Config] | None:
-    load_builtin()
     return _CONFIGS.get((kind, method))
 
 
 def methods(kind: str) -> list[str]:
-    load_builtin()
     return sorted(m for (k, m) in _CONFIGS if k == kind)
 
 
 def available_kinds() -> list[str]:
-    load_builtin()
     return [k for k in KINDS if any(kk == k for (kk, _) in _CONFIGS)]
 
 
 def module_types(config: Config) -> tuple[type[nn.Module], ...]:
-    load_builtin()
     return _TYPES.get(type(config), ())

@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 import slimkit
-from slimkit import compressed, pipeline
+from slimkit import compressed, model_info
 from slimkit.errors import ArtifactError, ModelError
 from slimkit.io import artifact
 from slimkit.io import save as artifact_save
-from slimkit.prune.sparse import SparseConv2d, SparseLinear
-from slimkit.quant.modules import QuantConv2d, QuantEmbedding, QuantLinear
+from slimkit.layers.quantized import QuantConv2d, QuantEmbedding, QuantLinear
+from slimkit.layers.sparse import SparseConv2d, SparseLinear
 
 W8 = {"name": "w8-rtn", "stages": [{"quantize": {"bits": 8, "granularity": "per_channel"}}]}
 P50 = {"name": "p50", "stages": [{"prune": {"sparsity": 0.5}}]}
@@ -191,7 +191,7 @@ def test_loaded_model_records_info(net: Net, tmp_path: Path) -> None:
     slimkit.compress(net, W8)
     slimkit.save(net, tmp_path / "w8")
     loaded = slimkit.load(tmp_path / "w8", model=fresh_net())
-    info = pipeline.info(loaded)
+    info = model_info.info(loaded)
     assert info["recipe"] == slimkit.Recipe.from_dict(W8).to_dict()
     assert info["artifact"] == str(tmp_path / "w8")
     assert info["source"] == manifest(tmp_path / "w8")["source"]

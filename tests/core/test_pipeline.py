@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 import slimkit
-from slimkit import pipeline, registry
+from slimkit import model_info, pipeline, registry
 from slimkit.config import StageConfig
+from slimkit.context import Context
 from slimkit.data import as_batches, call, check_batch, first_tensor
 from slimkit.errors import ConfigError, DataError, SelectionError
-from slimkit.pipeline import Context
-from slimkit.prune.sparse import SparseLinear
-from slimkit.quant.modules import QuantLinear
+from slimkit.layers.quantized import QuantLinear
+from slimkit.layers.sparse import SparseLinear
 from slimkit.tasks.base import Task
 
 
@@ -257,7 +257,6 @@ class ScaleConfig(StageConfig):
 @pytest.fixture
 def scale_stage(monkeypatch: pytest.MonkeyPatch) -> list[Context]:
     """Registers ScaleConfig (in registry copies that the test restores)."""
-    registry.load_builtin()  # before copying: the built-ins must land in the originals
     for attr in ("_HANDLERS", "_CONFIGS", "_TYPES"):
         monkeypatch.setattr(registry, attr, dict(getattr(registry, attr)))
     seen: list[Context] = []
@@ -303,7 +302,7 @@ def test_custom_stage_gets_task_data(net: Net, scale_stage: list[Context]) -> No
     slimkit.compress(net, rec, task=task)
     assert task.calls == 1
     assert scale_stage[0].names == ["fc2"]
-    assert pipeline.info(net)["source"] == {"task": "fake"}
+    assert model_info.info(net)["source"] == {"task": "fake"}
 
 
 def test_custom_stage_without_data_is_data_error(net: Net, scale_stage: list[Context]) -> None:
@@ -342,12 +341,12 @@ def test_register_refuses_unknown_kind() -> None:
 
 # -- recorded info -------------------------------------------------------------------------
 def test_compress_records_recipe_and_save_writes_it(net: Net, tmp_path: Path) -> None:
-    assert pipeline.info(net) == {}
+    assert model_info.info(net) == {}
     rec = two_stages(["fc1"], ["fc2"])
     slimkit.compress(net, rec)
     expected = slimkit.Recipe.from_dict(rec).to_dict()
-    assert pipeline.info(net)["recipe"] == expected
-    assert "source" not in pipeline.info(net)  # no task: nothing recorded
+    assert model_info.info(net)["recipe"] == expected
+    assert "source" not in model_info.info(net)  # no task: nothing recorded
     slimkit.save(net, tmp_path / "a")
     m = json.loads((tmp_path / "a" / "slimkit.json").read_text())
     assert m["recipe"] == expected
@@ -362,7 +361,7 @@ def test_compress_with_task_records_source(net: Net, tmp_path: Path) -> None:
 
 
 def test_set_info_merges_and_skips_none(net: Net) -> None:
-    pipeline.set_info(net, recipe={"name": "a"}, source=None)
-    pipeline.set_info(net, source={"task": "t"})
-    assert pipeline.info(net) == {"recipe": {"name": "a"}, "source": {"task": "t"}}
+    model_info.set_info(net, recipe={"name": "a"}, source=None)
+    model_info.set_info(net, source={"task": "t"})
+    assert model_info.info(net) == {"recipe": {"name": "a"}, "source": {"task": "t"}}
     assert "_slimkit_info" not in dict(net.named_children())

@@ -10,8 +10,8 @@ from torch import nn
 import slimkit
 from slimkit.compressed import count_params, module_class
 from slimkit.config import Scope
+from slimkit.layers.sparse import SparseConv2d, SparseLinear
 from slimkit.prune.magnitude import MagnitudeConfig, magnitude_masks
-from slimkit.prune.sparse import SparseConv2d, SparseLinear
 
 
 @pytest.fixture(autouse=True)

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import slimkit
+from slimkit.distill.losses import attention_loss, attention_probs
+from slimkit.distill.stage import DistillConfig, capturing, maps, query_key
 from slimkit.errors import ConfigError
-from slimkit.train.distill import DistillConfig, capturing, maps, query_key
-from slimkit.train.losses import attention_loss, attention_probs
 
 FAST: dict[str, Any] = {"lr": 3e-3, "val_fraction": 0.0, "batch_limit": 2}
 PAIRS = [
@@ -112,7 +112,7 @@ def test_bad_attention_modules_are_named_before_training(tiny6: Any, pair, expec
 
 
 def test_head_counts_must_agree(tiny6: Any):
-    from slimkit.train.distill import check_attention_heads
+    from slimkit.distill.stage import check_attention_heads
 
     student, teacher = tiny6.model(), tiny6.model()
     student.encoder.layer[0].attention.self.num_attention_heads = 4

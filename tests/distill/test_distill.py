@@ -15,13 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import slimkit
-import slimkit.train.distill as distill_mod
+import slimkit.distill.stage as distill_mod
+from slimkit.context import Context
 from slimkit.data import Batch
-from slimkit.errors import ConfigError, DataError, ModelError
-from slimkit.pipeline import Context, needs_original
-from slimkit.prune.sparse import SparseConv2d, SparseLinear
-from slimkit.recipe import Recipe, shipped_dir
-from slimkit.train.distill import (
+from slimkit.distill.stage import (
     DistillConfig,
     DistillLoss,
     apply_distill,
@@ -30,6 +27,10 @@ from slimkit.train.distill import (
     split,
     training_items,
 )
+from slimkit.errors import ConfigError, DataError, ModelError
+from slimkit.layers.sparse import SparseConv2d, SparseLinear
+from slimkit.pipeline import needs_original
+from slimkit.recipe import Recipe, shipped_dir
 from tests.prune.toys import Net, ToyTask, inputs, net, prune_recipe
 
 FAST: dict[str, Any] = {"epochs": 4, "lr": 0.01, "val_fraction": 0.0}

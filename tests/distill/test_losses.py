@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimkit.train.losses import attention_loss, embedding_loss, hint_loss, kd_loss
+from slimkit.distill.losses import attention_loss, embedding_loss, hint_loss, kd_loss
 
 
 def logits(seed: int, n: int = 4, c: int = 5) -> torch.Tensor:

@@ -15,11 +15,11 @@ from torch import nn
 import slimkit
 from slimkit import tasks
 from slimkit.compressed import count_params
+from slimkit.distill.stage import DistillConfig
 from slimkit.errors import ConfigError
 from slimkit.recipe import Recipe, resolve
 from slimkit.tasks.digits import MLP300100, LeNet5, hidden_widths
 from slimkit.tasks.text import even_layers
-from slimkit.train.distill import DistillConfig
 from tests.prune.toys import ToyTask
 
 FAST: dict[str, Any] = {"epochs": 1, "lr": 3e-3, "val_fraction": 0.0, "batch_limit": 2}

@@ -113,7 +113,7 @@ def test_sparse_masks_are_coded_and_shrink_the_file(tmp_path: Path) -> None:
 
 
 def test_deep_compression_prune_share_encode_round_trip(tmp_path: Path) -> None:
-    from slimkit.quant.kmeans import SparseKMeansLinear
+    from slimkit.layers.codebook import SparseKMeansLinear
 
     pruned = slimkit.compress(net(), recipe(PRUNE_90))
     kept = pruned.fc1.dense_weight() != 0

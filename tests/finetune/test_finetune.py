@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import slimkit
+from slimkit.context import Context
 from slimkit.errors import ConfigError, DataError
-from slimkit.pipeline import Context
-from slimkit.prune.bitmask import unpack_mask
-from slimkit.prune.sparse import SparseConv2d, SparseLinear
-from slimkit.quant.kmeans import KMeansLinear
-from slimkit.quant.modules import QuantLinear
+from slimkit.layers.bitmask import unpack_mask
+from slimkit.layers.codebook import KMeansLinear
+from slimkit.layers.quantized import QuantLinear
+from slimkit.layers.sparse import SparseConv2d, SparseLinear
 from slimkit.recipe import Recipe
 from slimkit.train.finetune import FinetuneConfig, apply_finetune, trainable
 from tests.prune.toys import ToyTask, inputs, net, prune_recipe

@@ -107,7 +107,7 @@ def test_eval_of_a_sys_exit_source_exits_2_with_one_line(
 def test_only_registered_classes_are_rebuilt_with_kwargs(tmp_path: Path) -> None:
     art = _copy("nas", tmp_path)
     assert isinstance(slimkit.load(art), nn.Module)  # SearchedCNN is registered by slimkit
-    _edit(art, lambda m: m["source"].update({"class": "slimkit.nas.space:Other"}))
+    _edit(art, lambda m: m["source"].update({"class": "slimkit.tasks.searched:Other"}))
     _refused(art, "not registered")
 
 

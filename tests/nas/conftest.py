@@ -11,8 +11,8 @@ from torch import nn
 import slimkit.nas.stage  # noqa: F401  (registers the nas stage)
 from slimkit.data import Batch
 from slimkit.nas import search as search_mod
-from slimkit.nas.space import SearchSpace
 from slimkit.tasks.base import Task
+from slimkit.tasks.searched import SearchSpace
 
 CNN_SPACE = SearchSpace(
     "cnn", (1, 8, 8), 10, hidden=(8, 16), fc_depth=(1, 2), channels=(2, 4),

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from slimkit.errors import ConfigError
 from slimkit.nas import search as search_mod
 from slimkit.nas.search import Limits, Settings, dominates, pareto_front, read_log, search
-from slimkit.nas.space import build
+from slimkit.tasks.searched import build
 
 from .conftest import CNN_SPACE, MLP_SPACE, toy_data
 

@@ -13,8 +13,8 @@ from slimkit.cli import main
 from slimkit.errors import ArtifactError, ConfigError
 from slimkit.io.artifact import MANIFEST
 from slimkit.nas import search as search_mod
-from slimkit.nas.space import Genome, SearchedMLP, build
 from slimkit.nas.stage import NasConfig
+from slimkit.tasks.searched import Genome, SearchedMLP, build
 
 from .conftest import CNN_SPACE
 
@@ -30,7 +30,7 @@ def test_stage_returns_searched_model_and_artifact_round_trip(toy_task, tmp_path
     assert sum(p.numel() for p in model.parameters()) <= 0.25 * (16 * 64 + 64 + 64 * 3 + 3)
     path = slimkit.save(model, tmp_path / "a")
     source = json.loads((path / MANIFEST).read_text())["source"]
-    assert source["class"] == "slimkit.nas.space:SearchedMLP" and "kwargs" in source
+    assert source["class"] == "slimkit.tasks.searched:SearchedMLP" and "kwargs" in source
     loaded = slimkit.load(path)
     x = toy_task.x[:5]
     assert torch.equal(loaded(x), model(x))
@@ -63,11 +63,11 @@ def test_searched_cnn_artifact_round_trip(tmp_path) -> None:
     [
         ("this:Zen", {}, "not registered"),  # importing `this` prints: never imported
         ("torch.nn:Linear", {"in_features": 1, "out_features": 1}, "not registered"),
-        ("slimkit.nas.space:SearchedMLP", {"hidden": {"a": 1}}, "JSON scalars or lists"),
-        ("slimkit.nas.space:SearchedMLP", {"hidden": [10**6] * 3}, "source kwargs do not fit"),
-        ("slimkit.nas.space:build", {"genome": 1}, "not registered"),
+        ("slimkit.tasks.searched:SearchedMLP", {"hidden": {"a": 1}}, "JSON scalars or lists"),
+        ("slimkit.tasks.searched:SearchedMLP", {"hidden": [10**6] * 3}, "source kwargs do not fit"),
+        ("slimkit.tasks.searched:build", {"genome": 1}, "not registered"),
         (
-            "slimkit.nas.space:SearchedMLP",
+            "slimkit.tasks.searched:SearchedMLP",
             {"in_features": 4, "num_classes": 2, "hidden": [10**6] * 3},
             "would take",  # sized on the meta device first: nothing allocated
         ),

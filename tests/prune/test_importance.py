@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from slimkit.config import Scope
+from slimkit.context import Context
 from slimkit.errors import DataError
-from slimkit.pipeline import Context
 from slimkit.prune.importance import (
     Criterion,
     Unit,

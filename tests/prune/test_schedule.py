@@ -16,7 +16,8 @@ import slimkit
 import slimkit.prune.schedule as schedule_module
 from slimkit.config import Scope
 from slimkit.errors import ConfigError, DataError
-from slimkit.prune.bitmask import unpack_mask
+from slimkit.layers.bitmask import unpack_mask
+from slimkit.layers.sparse import SparseConv2d, SparseLinear
 from slimkit.prune.importance import Criterion
 from slimkit.prune.schedule import (
     GradualConfig,
@@ -24,7 +25,6 @@ from slimkit.prune.schedule import (
     nested_keep_masks,
     sparsity_schedule,
 )
-from slimkit.prune.sparse import SparseConv2d, SparseLinear
 from slimkit.recipe import Recipe, shipped_dir
 from slimkit.train.finetune import FinetuneConfig
 from tests.prune.toys import ToyTask, inputs, net, prune_recipe

@@ -17,9 +17,9 @@ from torch import nn
 import slimkit
 from slimkit.errors import ConfigError
 from slimkit.evaluate.memory import resident_bytes
-from slimkit.prune import sparse
+from slimkit.layers import sparse
+from slimkit.layers.sparse import SparseConv2d, SparseLinear, row_bucket, time_kernels, to_sparse
 from slimkit.prune.schedule import GradualConfig
-from slimkit.prune.sparse import SparseConv2d, SparseLinear, row_bucket, time_kernels, to_sparse
 from slimkit.prune.unstructured import UnstructuredConfig
 from tests.prune.toys import inputs, net, prune_recipe
 

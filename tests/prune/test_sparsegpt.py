@@ -15,13 +15,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 import slimkit
+from slimkit.calib.hessian import HessianError, accumulate_hessian
+from slimkit.calib.sequential import input_rows
 from slimkit.config import Scope
 from slimkit.errors import ConfigError, DataError
+from slimkit.layers.sparse import SparseConv2d, SparseLinear
 from slimkit.prune.magnitude import magnitude_masks
-from slimkit.prune.sparse import SparseConv2d, SparseLinear
 from slimkit.prune.sparsegpt import SparseGPTConfig, magnitude_keep, sparsegpt_prune
-from slimkit.quant.gptq import HessianError, accumulate_hessian
-from slimkit.quant.sequential import input_rows
 from slimkit.recipe import Recipe, shipped_dir
 
 SETTINGS = settings(

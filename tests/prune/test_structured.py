@@ -14,8 +14,8 @@ from torch import nn
 
 import slimkit
 from slimkit.compressed import CompressedModule, count_params
+from slimkit.context import Context
 from slimkit.errors import ConfigError, DataError, ModelError
-from slimkit.pipeline import Context
 from slimkit.prune.graph import analyze
 from slimkit.prune.importance import Criterion, importance
 from slimkit.prune.structured import (

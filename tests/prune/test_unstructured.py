@@ -12,11 +12,11 @@ from torch import nn
 
 import slimkit
 from slimkit.config import Scope
+from slimkit.context import Context
 from slimkit.errors import ConfigError, DataError, RecipeError
-from slimkit.pipeline import Context
+from slimkit.layers.sparse import SparseConv2d, SparseLinear
 from slimkit.prune.importance import importance, keep_masks, min_keep
 from slimkit.prune.magnitude import MagnitudeConfig, magnitude_masks
-from slimkit.prune.sparse import SparseConv2d, SparseLinear
 from slimkit.prune.unstructured import UnstructuredConfig
 from slimkit.recipe import Recipe
 from tests.prune.toys import ToyTask, inputs, net, prune_recipe

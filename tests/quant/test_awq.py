@@ -12,7 +12,8 @@ from torch import nn
 
 import slimkit
 from slimkit.errors import ConfigError, DataError
-from slimkit.quant import primitives as P
+from slimkit.layers import primitives as P
+from slimkit.layers.quantized import QuantConv2d, QuantEmbedding, QuantLinear
 from slimkit.quant.awq import (
     AWQConfig,
     awq_quantize,
@@ -22,7 +23,6 @@ from slimkit.quant.awq import (
     quantize_clipped,
     search_clip,
 )
-from slimkit.quant.modules import QuantConv2d, QuantEmbedding, QuantLinear
 
 N_OUT, K, G = 24, 64, 16
 

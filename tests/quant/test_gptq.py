@@ -11,17 +11,11 @@ import torch
 from torch import nn
 
 import slimkit
+from slimkit.calib.hessian import HessianError, Hessians, accumulate_hessian, inverse_factor
 from slimkit.errors import ConfigError, DataError
-from slimkit.quant import primitives as P
-from slimkit.quant.gptq import (
-    GPTQConfig,
-    HessianError,
-    Hessians,
-    accumulate_hessian,
-    gptq_quantize,
-    inverse_factor,
-)
-from slimkit.quant.modules import QuantConv2d, QuantEmbedding, QuantLinear
+from slimkit.layers import primitives as P
+from slimkit.layers.quantized import QuantConv2d, QuantEmbedding, QuantLinear
+from slimkit.quant.gptq import GPTQConfig, gptq_quantize
 
 N_OUT, K = 16, 64
 

@@ -16,19 +16,18 @@ import slimkit
 from slimkit.compressed import count_params, module_class
 from slimkit.data import Batch
 from slimkit.errors import ConfigError, DataError
-from slimkit.quant import packing
-from slimkit.quant.kmeans import (
-    Adam,
-    KMeansConfig,
+from slimkit.layers import packing
+from slimkit.layers.codebook import (
     KMeansConv2d,
     KMeansLinear,
     cluster_sse,
-    finetune_codebooks,
     kmeans_1d,
     storage_bytes,
 )
+from slimkit.quant.kmeans import KMeansConfig, finetune_codebooks
 from slimkit.recipe import Recipe, shipped_dir
 from slimkit.tasks.base import Task
+from slimkit.train.optim import Adam
 
 
 @pytest.fixture(autouse=True)

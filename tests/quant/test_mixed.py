@@ -14,11 +14,11 @@ from torch import nn
 
 import slimkit
 from slimkit.config import Granularity
+from slimkit.context import Context
 from slimkit.errors import ConfigError, DataError
-from slimkit.pipeline import Context
+from slimkit.layers.primitives import fake_quantize
+from slimkit.layers.quantized import QuantEmbedding, QuantLinear
 from slimkit.quant import mixed as M
-from slimkit.quant.modules import QuantEmbedding, QuantLinear
-from slimkit.quant.primitives import fake_quantize
 from slimkit.recipe import Recipe, shipped_dir
 
 QUANT: dict[str, Any] = {"symmetric": False, "per_channel": True, "group_size": 8}

@@ -10,8 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from slimkit.quant import packing as K
-from slimkit.quant.primitives import qrange
+from slimkit.layers import packing as K
+from slimkit.layers.primitives import qrange
 
 SETTINGS = settings(
     max_examples=80,

@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from slimkit.errors import DataError
-from slimkit.quant.sequential import (
+from slimkit.calib.sequential import (
     Group,
     PerInput,
     block_of,
@@ -19,6 +18,7 @@ from slimkit.quant.sequential import (
     input_rows,
     quantize_sequential,
 )
+from slimkit.errors import DataError
 from slimkit.select import swap_modules
 
 D, HEADS = 8, 2

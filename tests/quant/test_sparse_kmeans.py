@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import slimkit
-from slimkit.quant.kmeans import SparseKMeansConv2d, SparseKMeansLinear
+from slimkit.layers.codebook import SparseKMeansConv2d, SparseKMeansLinear
 from tests.prune.toys import ToyTask, inputs, net
 
 PRUNE = {"prune": {"method": "magnitude", "sparsity": 0.75}}

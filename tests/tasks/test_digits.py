@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from slimkit.io.atomic import sha256_file
+from slimkit.atomic import sha256_file
 from slimkit.tasks import digits
 from slimkit.tasks.digits import MLP300100, RECIPE_VERSION, DigitsLeNet, DigitsMLP, LeNet5
 

@@ -14,7 +14,7 @@ from torch import fx, nn
 
 import slimkit
 from slimkit import tasks
-from slimkit.io.atomic import sha256_file
+from slimkit.atomic import sha256_file
 from slimkit.tasks import digits
 from slimkit.tasks.resnet import DigitsResNet, MiniResNet, upsample
 

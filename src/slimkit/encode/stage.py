@@ -30,12 +30,11 @@ from torch import nn
 
 from slimkit.compressed import CompressedModule, compressed_module, module_class
 from slimkit.config import StageConfig
+from slimkit.context import Context
 from slimkit.encode import huffman
 from slimkit.encode.positions import ESCAPE, ESCAPES, gaps_from_mask, mask_from_gaps
-from slimkit.pipeline import Context
-from slimkit.prune.sparse import SparseConv2d, SparseLinear
-from slimkit.quant import packing
-from slimkit.quant.kmeans import (
+from slimkit.layers import packing
+from slimkit.layers.codebook import (
     KMeansConv2d,
     KMeansLinear,
     KMeansWeight,
@@ -43,7 +42,8 @@ from slimkit.quant.kmeans import (
     SparseKMeansLinear,
     SparseKMeansWeight,
 )
-from slimkit.quant.modules import QuantConv2d, QuantEmbedding, QuantLinear, QuantWeight
+from slimkit.layers.quantized import QuantConv2d, QuantEmbedding, QuantLinear, QuantWeight
+from slimkit.layers.sparse import SparseConv2d, SparseLinear
 from slimkit.registry import register
 from slimkit.select import swap_modules
 

@@ -17,7 +17,7 @@ from slimkit.evaluate.macs import count_macs
 from slimkit.evaluate.memory import peak_forward_bytes
 from slimkit.evaluate.result import Report, Result
 from slimkit.evaluate.size import artifact_size
-from slimkit.pipeline import info
+from slimkit.model_info import info
 
 if TYPE_CHECKING:
     from slimkit.tasks.base import Task

@@ -40,12 +40,12 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from slimkit.calib.capture import rows, run_batches, watching
 from slimkit.compressed import ComposedModule, ConvGeometry, compressed_module, conv_args
 from slimkit.config import StageConfig
+from slimkit.context import Context
 from slimkit.errors import ConfigError
 from slimkit.factorize import lowrank
-from slimkit.pipeline import Context
-from slimkit.quant.calibrate import rows, run_batches, watching
 from slimkit.registry import register
 from slimkit.select import swap_modules
 

@@ -95,12 +95,11 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     with _guard(p, "loading"):
         with _opened(p) as (manifest, fd, header):
             budget = 16 * os.fstat(fd).st_size + _SLACK_BYTES
-            _load_known()
             base = model if model is not None else _rebuild_base(p, manifest["source"], budget)
             _replay(p, base, manifest["modules"], budget)
             _fill(p, base, header, fd)
         _verify(p, base, manifest)
-    from slimkit.pipeline import set_info
+    from slimkit.model_info import set_info
 
     source = manifest["source"]
     student = source.get("student") if "task" in source else None
@@ -193,14 +192,6 @@ def _guard(p: Path, step: str) -> Iterator[None]:
 def _first_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return " ".join(lines[:2])[:300]
-
-
-def _load_known() -> None:
-    """Make the built-in layer types and model classes known (registration by import)."""
-    from slimkit import registry, tasks  # noqa: F401
-
-    registry.load_builtin()
-    import slimkit.nas.space  # noqa: F401  (its searched models are constructible)
 
 
 # -- the base architecture -----------------------------------------------------------------

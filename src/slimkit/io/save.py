@@ -35,10 +35,10 @@ from torch import nn
 
 from slimkit import constructible
 from slimkit._version import __version__ as slimkit_version
+from slimkit.atomic import default_mode, fsync_dir, fsync_file, sha256_file
 from slimkit.compressed import CompressedModule, is_simulated, standard_spec
 from slimkit.errors import ArtifactError, SlimkitError
 from slimkit.io import scratch
-from slimkit.io.atomic import default_mode, fsync_dir, fsync_file, sha256_file
 from slimkit.io.layout import (
     FORMAT,
     FORMAT_VERSION,
@@ -48,7 +48,7 @@ from slimkit.io.layout import (
     holds_manifest,
 )
 from slimkit.io.manifest import check_kwargs
-from slimkit.pipeline import check_finite, info
+from slimkit.model_info import check_finite, info
 
 #: renameat2 errors that mean "this file system (or kernel) cannot exchange": fall back
 _UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from slimkit.io.atomic import write_with
+from slimkit.atomic import write_with
 from slimkit.nas.search import SearchResult
 
 

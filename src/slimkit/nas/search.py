@@ -43,7 +43,7 @@ from torch import nn
 from slimkit.compressed import count_params
 from slimkit.data import Batch, call
 from slimkit.errors import ConfigError
-from slimkit.nas.space import Genome, SearchSpace, build
+from slimkit.tasks.searched import Genome, SearchSpace, build
 
 Progress = Callable[[str], None]
 LOG_VERSION = 1

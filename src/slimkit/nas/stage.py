@@ -20,15 +20,16 @@ from torch import nn
 
 from slimkit.compressed import count_params
 from slimkit.config import Config
+from slimkit.context import Context, Progress
 from slimkit.errors import ConfigError, DataError
 from slimkit.evaluate.macs import count_macs
+from slimkit.model_info import set_info
 from slimkit.nas.search import Limits, SearchResult, Settings, search
-from slimkit.pipeline import Context, Progress, set_info
 from slimkit.registry import register
 
 if TYPE_CHECKING:
-    from slimkit.nas.space import SearchSpace
     from slimkit.tasks.base import Task
+    from slimkit.tasks.searched import SearchSpace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,9 +205,9 @@ def write_search_report(model: nn.Module, out: str | os.PathLike[str]) -> list[P
     """When ``model`` came out of a ``nas`` stage: its search's Pareto plot (every trial,
     the front, the winner, the limit) and front as ``out/search_pareto.png`` and
     ``out/search_front.json``; nothing otherwise. Returns the paths written."""
-    from slimkit.io.atomic import write_text
+    from slimkit.atomic import write_text
+    from slimkit.model_info import info
     from slimkit.nas.plot import plot_trials
-    from slimkit.pipeline import info
 
     found = info(model).get("nas_search")
     if found is None:

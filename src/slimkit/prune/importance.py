@@ -24,20 +24,21 @@ floor (``min_density``).
 from __future__ import annotations
 
 import abc
-import contextlib
 import enum
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimkit.calib.capture import TrainBatch, labelled_batches, run_batches, watching
 from slimkit.config import Scope
+from slimkit.context import Context
 from slimkit.data import Batch, call, first_tensor
-from slimkit.pipeline import Context, eval_mode
-from slimkit.quant.calibrate import TrainBatch, labelled_batches, run_batches, watching
+from slimkit.model_info import eval_mode
+from slimkit.train.optim import only_grad
 
 
 class Unit(str, enum.Enum):
@@ -329,21 +330,6 @@ def _taylor_term(wg: torch.Tensor, unit: Unit) -> torch.Tensor:
 
 def _score_shape(w: torch.Tensor, unit: Unit) -> tuple[int, ...]:
     return tuple(w.shape) if unit is Unit.WEIGHT else (w.shape[0],)
-
-
-@contextlib.contextmanager
-def only_grad(model: nn.Module, weights: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Inside, ``weights`` require gradients and no other parameter does; flags restored."""
-    tensors = {id(t): t for t in [*model.parameters(), *weights]}.values()
-    flags = [(t, t.requires_grad) for t in tensors]
-    chosen = {id(w) for w in weights}
-    try:
-        for t, _ in flags:
-            t.requires_grad_(id(t) in chosen)
-        yield
-    finally:
-        for t, flag in flags:
-            t.requires_grad_(flag)
 
 
 def importance(criterion: Criterion | str, unit: Unit | str | None = None) -> Importance:

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from slimkit.config import Scope
-from slimkit.pipeline import Context
+from slimkit.context import Context
+from slimkit.layers.sparse import SPARSE_SWAPS
 from slimkit.prune.importance import Magnitude, keep_masks, magnitude_scores
-from slimkit.prune.sparse import SPARSE_SWAPS
 from slimkit.prune.unstructured import UnstructuredOptions, prune_unstructured
 from slimkit.registry import register
 

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from slimkit.config import StageConfig
+from slimkit.context import Context
 from slimkit.errors import ConfigError
-from slimkit.pipeline import Context
+from slimkit.layers.sparse import SPARSE_SWAPS, check_sparse_convertible, to_sparse
 from slimkit.prune.importance import Criterion, importance, unique_names, weight_of
-from slimkit.prune.sparse import SPARSE_SWAPS, check_sparse_convertible, to_sparse
 from slimkit.registry import register
 from slimkit.select import swap_modules
 

@@ -25,18 +25,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from slimkit.calib.capture import labelled_batches
 from slimkit.config import Scope
-from slimkit.pipeline import Context
-from slimkit.prune.importance import (
-    Importance,
-    importance,
-    keep_masks,
-    unique_names,
-    weight_of,
-)
-from slimkit.prune.sparse import SPARSE_SWAPS, to_sparse
+from slimkit.context import Context
+from slimkit.layers.sparse import SPARSE_SWAPS, to_sparse
+from slimkit.prune.importance import Importance, importance, keep_masks, unique_names, weight_of
 from slimkit.prune.unstructured import UnstructuredConfig
-from slimkit.quant.calibrate import labelled_batches
 from slimkit.registry import register
 from slimkit.select import swap_modules
 from slimkit.train.finetune import finetune

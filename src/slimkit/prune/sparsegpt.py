@@ -46,21 +46,21 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from slimkit.compressed import conv_args
-from slimkit.config import StageConfig
-from slimkit.errors import ConfigError
-from slimkit.pipeline import Context
-from slimkit.prune.sparse import SparseConv2d, SparseLinear
-from slimkit.quant.common import input_size
-from slimkit.quant.gptq import (
+from slimkit.calib.hessian import (
     HessianError,
     Hessians,
     drop_dead_inputs,
+    input_size,
     inverse_factor,
     require_hessian_rows,
     uses_hessian,
 )
-from slimkit.quant.sequential import Group, quantize_sequential
+from slimkit.calib.sequential import Group, quantize_sequential
+from slimkit.compressed import conv_args
+from slimkit.config import StageConfig
+from slimkit.context import Context
+from slimkit.errors import ConfigError
+from slimkit.layers.sparse import SparseConv2d, SparseLinear
 from slimkit.registry import register
 from slimkit.select import swap_modules
 

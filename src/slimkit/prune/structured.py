@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from slimkit.config import StageConfig
+from slimkit.context import Context
 from slimkit.data import Batch
 from slimkit.errors import ConfigError
-from slimkit.pipeline import Context
 from slimkit.prune.graph import ChannelGraph, Group, Site, analyze, even_split, output_producers
 from slimkit.prune.importance import Criterion, Unit, importance
 from slimkit.registry import register

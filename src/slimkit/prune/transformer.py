@@ -31,17 +31,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from slimkit.calib.capture import run_batches, watching
 from slimkit.compressed import after_replay
 from slimkit.config import StageConfig
+from slimkit.context import Context
 from slimkit.data import Batch
 from slimkit.errors import ModelError
-from slimkit.pipeline import Context
+from slimkit.model_info import PROJECTIONS, head_attrs, is_attention
 from slimkit.prune.structured import Plan, apply_plan
-from slimkit.quant.calibrate import run_batches, watching
 from slimkit.registry import register
-
-HEAD_ATTRS = ("num_attention_heads", "attention_head_size", "all_head_size")
-PROJECTIONS = ("query", "key", "value")
 
 
 class HeadsCriterion(str, enum.Enum):
@@ -94,18 +92,6 @@ class FFNSite:
 
 
 # -- finding layers ----------------------------------------------------------------------
-def is_attention(m: nn.Module) -> bool:
-    """query / key / value Linear layers and int head attributes (any values)."""
-    linears = all(isinstance(getattr(m, p, None), nn.Linear) for p in PROJECTIONS)
-    return linears and all(isinstance(getattr(m, a, None), int) for a in HEAD_ATTRS)
-
-
-def head_attrs(m: nn.Module) -> tuple[int, int, int]:
-    """(num_attention_heads, attention_head_size, all_head_size) of an attention module."""
-    n, d, total = (int(getattr(m, a)) for a in HEAD_ATTRS)
-    return n, d, total
-
-
 def projection(m: nn.Module, name: str) -> nn.Linear:
     """The Linear submodule of ``m`` at ``name`` (a dotted path)."""
     layer = m.get_submodule(name)

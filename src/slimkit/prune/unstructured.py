@@ -14,7 +14,13 @@ import torch
 from torch import nn
 
 from slimkit.config import Scope, StageConfig
-from slimkit.pipeline import Context
+from slimkit.context import Context
+from slimkit.layers.sparse import (
+    SPARSE_SWAPS,
+    SparseKernel,
+    check_sparse_convertible,
+    to_sparse,
+)
 from slimkit.prune.importance import (
     Criterion,
     Importance,
@@ -23,12 +29,6 @@ from slimkit.prune.importance import (
     keep_masks,
     unique_names,
     weight_of,
-)
-from slimkit.prune.sparse import (
-    SPARSE_SWAPS,
-    SparseKernel,
-    check_sparse_convertible,
-    to_sparse,
 )
 from slimkit.registry import register
 from slimkit.select import swap_modules

@@ -32,14 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimkit.pipeline import Context
-from slimkit.quant import primitives as P
-from slimkit.quant.calibrate import rows
-from slimkit.quant.common import (
-    WeightQuantConfig,
-    empty_twin,
-)
-from slimkit.quant.sequential import Group, PerInput, geometry, input_rows, quantize_sequential
+from slimkit.calib.capture import rows
+from slimkit.calib.sequential import Group, PerInput, geometry, input_rows, quantize_sequential
+from slimkit.context import Context
+from slimkit.layers import primitives as P
+from slimkit.quant.common import WeightQuantConfig, empty_twin
 from slimkit.registry import register
 from slimkit.select import swap_modules
 

@@ -8,10 +8,11 @@ from typing import Any
 
 from torch import nn
 
+from slimkit.calib.hessian import input_size
 from slimkit.config import Granularity, StageConfig
 from slimkit.errors import ConfigError
-from slimkit.quant import primitives as P
-from slimkit.quant.modules import QuantConv2d, QuantEmbedding, QuantLinear, QuantWeight
+from slimkit.layers import primitives as P
+from slimkit.layers.quantized import QuantConv2d, QuantEmbedding, QuantLinear, QuantWeight
 
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -56,14 +57,6 @@ class WeightQuantConfig(StageConfig):
             "per_channel": self.granularity is not Granularity.PER_TENSOR,
             "group_size": self.group_size,
         }
-
-
-def input_size(module: nn.Module) -> int:
-    """The length of one weight row: the dimension groups run along."""
-    weight = getattr(module, "weight", None)
-    if weight is None:
-        raise ValueError(f"{type(module).__name__} has no weight")
-    return int(weight[0].numel())
 
 
 def check_group_sizes(

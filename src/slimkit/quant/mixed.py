@@ -31,19 +31,8 @@ import torch
 from torch import nn
 
 from slimkit import registry
-from slimkit.config import Config
-from slimkit.data import Batch, call, first_tensor
-from slimkit.errors import ConfigError, ModelError
-from slimkit.pipeline import Context, eval_mode
-from slimkit.quant.calibrate import check_finite_input
-from slimkit.quant.common import (
-    MAX_BITS,
-    MIN_BITS,
-    WEIGHT_SWAPS,
-    WeightQuantConfig,
-)
-from slimkit.quant.primitives import fake_quantize
-from slimkit.quant.sequential import (
+from slimkit.calib.capture import check_finite_input
+from slimkit.calib.sequential import (
     PerInput,
     check_rows,
     columns,
@@ -51,6 +40,13 @@ from slimkit.quant.sequential import (
     input_rows,
     token_mask,
 )
+from slimkit.config import Config
+from slimkit.context import Context
+from slimkit.data import Batch, call, first_tensor
+from slimkit.errors import ConfigError, ModelError
+from slimkit.layers.primitives import fake_quantize
+from slimkit.model_info import eval_mode
+from slimkit.quant.common import MAX_BITS, MIN_BITS, WEIGHT_SWAPS, WeightQuantConfig
 from slimkit.registry import register
 
 QUANTIZERS = ("rtn", "gptq")

@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimkit.config import StageConfig
-from slimkit.data import Batch, call, check_batch, first_tensor
+from slimkit.context import Context
+from slimkit.data import Batch, call, check_batch, first_tensor, writable
 from slimkit.errors import DataError, ModelError
-from slimkit.pipeline import Context
-from slimkit.quant import primitives as P
+from slimkit.layers import primitives as P
 from slimkit.quant.common import MAX_BITS, MIN_BITS, check_convertible, empty_twin
 from slimkit.quant.static import static_twin
 from slimkit.registry import register
@@ -275,15 +275,6 @@ def training_batches(ctx: Context, limit: int | None) -> list[TrainBatch]:
             raise DataError(f"{where}: labels must be a tensor of class indices")
         out.append((inputs, labels))
     return out
-
-
-def writable(batch: Batch) -> Batch:
-    """A copy usable by autograd (data made under inference mode cannot be)."""
-    if isinstance(batch, dict):
-        return {k: v.clone() for k, v in batch.items()}
-    if isinstance(batch, tuple | list):
-        return tuple(t.clone() for t in batch)
-    return batch.clone()
 
 
 def train(

@@ -6,12 +6,8 @@ import dataclasses
 
 from torch import nn
 
-from slimkit.pipeline import Context
-from slimkit.quant.common import (
-    WEIGHT_SWAPS,
-    WeightQuantConfig,
-    empty_twin,
-)
+from slimkit.context import Context
+from slimkit.quant.common import WEIGHT_SWAPS, WeightQuantConfig, empty_twin
 from slimkit.registry import register
 from slimkit.select import swap_modules
 

@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimkit.calib.capture import run_batches, watching
 from slimkit.compressed import compressed_module
+from slimkit.context import Context
 from slimkit.errors import DataError
-from slimkit.pipeline import Context
-from slimkit.quant import primitives as P
-from slimkit.quant.calibrate import run_batches, watching
+from slimkit.layers import primitives as P
+from slimkit.layers.quantized import QuantConv2d, QuantLinear, QuantWeight
 from slimkit.quant.common import MAX_BITS, MIN_BITS, WeightQuantConfig
-from slimkit.quant.modules import QuantConv2d, QuantLinear, QuantWeight
 from slimkit.quant.observers import OBSERVERS, Observer, make_observer
 from slimkit.registry import register
 from slimkit.select import swap_modules

@@ -15,13 +15,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from slimkit.calib.capture import input_absmax
 from slimkit.compressed import CompressedModule, compressed_module, copy_bias
 from slimkit.config import StageConfig
+from slimkit.context import Context
 from slimkit.errors import ConfigError
-from slimkit.pipeline import Context
+from slimkit.layers import primitives as P
 from slimkit.quant import kernels
-from slimkit.quant import primitives as P
-from slimkit.quant.calibrate import input_absmax
 from slimkit.quant.smoothquant import smoothing_factors
 from slimkit.registry import register
 from slimkit.select import swap_modules

@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from slimkit.atomic import write_with
 from slimkit.evaluate.result import Report, Result
-from slimkit.io.atomic import write_with
 
 
 def pareto_plot(reports: Sequence[Report], path: str | os.PathLike[str]) -> Path:

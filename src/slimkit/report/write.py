@@ -7,8 +7,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from slimkit.atomic import write_text
 from slimkit.evaluate.result import Report
-from slimkit.io.atomic import write_text
 from slimkit.report.markdown import combined_markdown, to_markdown
 from slimkit.report.plot import pareto_plot
 

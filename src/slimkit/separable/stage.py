@@ -26,7 +26,7 @@ from torch import nn
 
 from slimkit.compressed import ComposedModule, ConvGeometry, compressed_module, conv_args
 from slimkit.config import StageConfig
-from slimkit.pipeline import Context
+from slimkit.context import Context
 from slimkit.registry import register
 from slimkit.select import swap_modules
 from slimkit.separable.fit import compose, separable_fit, separable_params

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimkit import atomic
 from slimkit.constructible import register_constructible
 from slimkit.data import Batch, call, first_tensor
 from slimkit.errors import ConfigError
-from slimkit.io import atomic
 from slimkit.tasks.base import Task, check_student
 
 # Bump whenever the data, the architectures or the training change: it is part of the cache key.
@@ -319,7 +319,7 @@ class DigitsLeNet(DigitsTask):
     def search_space(self) -> Any:
         """Architecture search (nas stage): 1..3 conv blocks (width, 3x3 or 5x5, standard
         or depthwise-separable), 1..2 hidden Linear layers."""
-        from slimkit.nas.space import SearchSpace
+        from slimkit.tasks.searched import SearchSpace
 
         return SearchSpace(
             "cnn", (1, 8, 8), 10, hidden=(16, 24, 32, 48, 64, 96, 128), fc_depth=(1, 2),
@@ -338,7 +338,7 @@ class DigitsMLP(DigitsTask):
 
     def search_space(self) -> Any:
         """Architecture search (nas stage): 1..3 hidden Linear layers of the listed widths."""
-        from slimkit.nas.space import SearchSpace
+        from slimkit.tasks.searched import SearchSpace
 
         hidden = (16, 32, 48, 64, 100, 128, 200, 300)
         return SearchSpace("mlp", (64,), 10, hidden=hidden, fc_depth=(1, 3))

@@ -33,17 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimkit.calib.capture import TrainBatch, labelled_batches
 from slimkit.compressed import CompressedModule
 from slimkit.config import Config
-from slimkit.data import call, first_tensor
+from slimkit.context import Context
+from slimkit.data import call, first_tensor, writable
 from slimkit.errors import ModelError
-from slimkit.pipeline import Context
-from slimkit.prune.importance import only_grad
-from slimkit.prune.sparse import SparseConv2d, SparseLinear, trainable_values
-from slimkit.quant.calibrate import TrainBatch, labelled_batches
-from slimkit.quant.kmeans import Adam, KMeansWeight, trainable_codebooks
-from slimkit.quant.qat import writable
+from slimkit.layers.codebook import KMeansWeight, trainable_codebooks
+from slimkit.layers.sparse import SparseConv2d, SparseLinear, trainable_values
 from slimkit.registry import register
+from slimkit.train.optim import Adam, only_grad
 
 #: compressed layers whose stored float weights can be trained in place
 SPARSE_LAYERS = (SparseLinear, SparseConv2d)

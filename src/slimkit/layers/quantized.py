@@ -32,8 +32,8 @@ from slimkit.compressed import (
     conv_args,
     copy_bias,
 )
-from slimkit.quant import packing
-from slimkit.quant import primitives as P
+from slimkit.layers import packing
+from slimkit.layers import primitives as P
 
 
 def scale_shape(shape: tuple[int, ...], per_channel: bool, group_size: int | None) -> tuple:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from slimkit.quant.primitives import qrange
+from slimkit.layers.primitives import qrange
 
 _ALLOWED_BITS = range(1, 9)
 

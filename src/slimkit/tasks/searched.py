@@ -197,7 +197,7 @@ def _positive(name: str, values: Sequence[int], length: int | None = None) -> No
         raise ValueError(f"{name}: sizes must be positive, got {list(values)}")
 
 
-@register_constructible(kwargs=True)
+@register_constructible(kwargs=True, former=("slimkit.nas.space:SearchedCNN",))
 class SearchedCNN(nn.Module):
     """Conv blocks (a standard k x k conv, or a depthwise k x k conv + pointwise 1x1 conv;
     then ReLU and 2x2 max pool), flatten, hidden Linear + ReLU layers, an output Linear."""
@@ -248,7 +248,7 @@ class SearchedCNN(nn.Module):
         return self.classifier(x.flatten(1))  # (B, classes)
 
 
-@register_constructible(kwargs=True)
+@register_constructible(kwargs=True, former=("slimkit.nas.space:SearchedMLP",))
 class SearchedMLP(nn.Module):
     """Hidden Linear + ReLU layers and an output Linear on flattened inputs."""
 

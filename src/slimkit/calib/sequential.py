@@ -44,9 +44,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimkit.calib.capture import check_finite_input
 from slimkit.data import Batch, call
 from slimkit.errors import DataError
-from slimkit.quant.calibrate import check_finite_input
 from slimkit.select import set_module
 
 Watcher = Callable[[str, torch.Tensor], None]

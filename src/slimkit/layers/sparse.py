@@ -48,7 +48,7 @@ from slimkit.compressed import (
     copy_bias,
 )
 from slimkit.errors import ConfigError
-from slimkit.prune.bitmask import check_mask, pack_mask, unpack_mask
+from slimkit.layers.bitmask import check_mask, pack_mask, unpack_mask
 from slimkit.spec_rules import Rule, spec_choice
 
 

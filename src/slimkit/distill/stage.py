@@ -7,23 +7,23 @@ k-means codebooks; integer-code layers frozen; the stored form unchanged) to mat
 - ``teacher``: ``original`` (the model as it entered the recipe, before the earlier stages:
   ``Context.original``, a frozen copy the pipeline takes when a stage asks for it), ``task``
   (a fresh ``task.model()``) or the path of a saved slimkit artifact (``slimkit.load``);
-- ``loss: logits`` (classifiers): :func:`~slimkit.train.losses.kd_loss` of the first output
+- ``loss: logits`` (classifiers): :func:`~slimkit.distill.losses.kd_loss` of the first output
   tensors over the task's labelled batches, or, with ``pseudo_labels``, over the unlabelled
   calibration batches labelled by the teacher's argmax;
-- ``loss: embedding`` (encoders): :func:`~slimkit.train.losses.embedding_loss` of the first
+- ``loss: embedding`` (encoders): :func:`~slimkit.distill.losses.embedding_loss` of the first
   output tensors (a (B, T, H) hidden state of a dict batch with an ``attention_mask`` is
   mean-pooled over the mask and L2-normalised first, as the text tasks embed) over the
   unlabelled calibration batches;
 - ``hints``: ``[student_layer, teacher_layer]`` pairs whose outputs (forward hooks) are
-  pulled together by :func:`~slimkit.train.losses.hint_loss`, times ``hint_weight``; where
+  pulled together by :func:`~slimkit.distill.losses.hint_loss`, times ``hint_weight``; where
   the widths differ a projection (Linear on the last dim, 1x1 Conv2d on (B, C, H, W) maps)
   trains with the student and is discarded afterwards;
 - ``attention``: ``[student_module, teacher_module]`` pairs of attention modules (BERT-like:
   ``query`` / ``key`` / ``value`` Linear layers and a ``num_attention_heads`` attribute, e.g.
   ``encoder.layer.0.attention.self``) whose attention probabilities, recomputed from the
   captured query and key projections with the batch's ``attention_mask``
-  (:func:`~slimkit.train.losses.attention_probs`), are pulled together by
-  :func:`~slimkit.train.losses.attention_loss` (MSE, TinyBERT / MiniLM style), times
+  (:func:`~slimkit.distill.losses.attention_probs`), are pulled together by
+  :func:`~slimkit.distill.losses.attention_loss` (MSE, TinyBERT / MiniLM style), times
   ``attention_weight``; both modules must have the same number of heads.
 
 With ``student_width`` and/or ``student_depth`` the model entering the stage is set aside
@@ -66,24 +66,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimkit.atomic import atomic_path
+from slimkit.calib.capture import labelled_batches
 from slimkit.compressed import count_params
 from slimkit.config import Config
-from slimkit.data import Batch, call, first_tensor
-from slimkit.errors import ConfigError, DataError, ModelError, did_you_mean
-from slimkit.io.atomic import atomic_path
-from slimkit.pipeline import Context, set_info
-from slimkit.quant.calibrate import labelled_batches
-from slimkit.quant.kmeans import Adam
-from slimkit.quant.qat import writable
-from slimkit.registry import register
-from slimkit.train.finetune import LRSchedule, lr_at, training
-from slimkit.train.losses import (
+from slimkit.context import Context
+from slimkit.data import Batch, call, first_tensor, writable
+from slimkit.distill.losses import (
     attention_loss,
     attention_probs,
     embedding_loss,
     hint_loss,
     kd_loss,
 )
+from slimkit.errors import ConfigError, DataError, ModelError, did_you_mean
+from slimkit.model_info import set_info
+from slimkit.registry import register
+from slimkit.train.finetune import LRSchedule, lr_at, training
+from slimkit.train.optim import Adam
 
 ORIGINAL = "original"
 TASK = "task"
@@ -247,7 +247,7 @@ def check_attention_modules(model: nn.Module, config: DistillConfig, role: str) 
     """ConfigError naming the first ``attention`` module of ``role`` (student or teacher)
     missing from ``model`` or not an attention module (query / key / value Linear layers
     and head-count attributes)."""
-    from slimkit.prune.transformer import is_attention
+    from slimkit.model_info import is_attention
 
     modules = dict(model.named_modules())
     names = [name for name, m in modules.items() if name and is_attention(m)]

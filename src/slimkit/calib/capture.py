@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from slimkit.context import Context
 from slimkit.data import Batch, call, first_tensor
 from slimkit.errors import DataError
-from slimkit.pipeline import Context
 
 Watcher = Callable[[str, torch.Tensor], None]
 TrainBatch = tuple[Batch, torch.Tensor]  # (inputs, class labels)

@@ -1,0 +1,2 @@
+"""Knowledge distillation: a student trained on a teacher's soft labels, features and
+attention maps."""

@@ -1,0 +1,2 @@
+"""Compressed layers and the storage they hold: affine integer codes, packed bits, codebooks,
+sparse values with masks."""
