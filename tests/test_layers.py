@@ -41,6 +41,7 @@ FLOORS: dict[str, int] = {
             "context",
             "model_info",
             "calib",
+            "formats",
             "layers",
             "train",
             "tasks",
@@ -167,7 +168,7 @@ def test_the_reader_sees_known_imports() -> None:
     assert "slimkit.errors" in EDGES["slimkit.config"]  # top-level from-import
     assert "slimkit.tasks.base" in EDGES["slimkit.pipeline"]  # under TYPE_CHECKING
     assert "slimkit.quant.gptq" in EDGES["slimkit.builtin"]  # plain import
-    assert "slimkit.layers.packing" in EDGES["slimkit.layers.quantized"]  # `from pkg import mod`
+    assert "slimkit.formats.packing" in EDGES["slimkit.formats.affine"]  # `from pkg import mod`
 
 
 def test_cycle_finder_finds_a_cycle() -> None:

@@ -9,6 +9,7 @@ changed are rebuilt the same way through ``standard_spec`` / ``standard_from_spe
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
@@ -26,6 +27,19 @@ _MODULES: dict[str, type[CompressedModule]] = {}
 _AFTER_REPLAY: list[Fixup] = []
 
 
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """An integer stream of a stored tensor, as uint8 symbols (one per weight, index or
+    mask byte). ``bits``: the symbols' range is ``0 .. 2**bits - 1``; ``bitmask``: the
+    stream is the packed keep-mask of ``n_weights`` weights (a coder may code its gaps)."""
+
+    name: str
+    symbols: torch.Tensor  # (n,) uint8
+    bits: int = 8
+    bitmask: bool = False
+    n_weights: int = 0
+
+
 class CompressedModule(nn.Module):
     """Base of modules that hold a compressed form of a layer."""
 
@@ -36,6 +50,9 @@ class CompressedModule(nn.Module):
     #: distill) may update in place without changing the stored form (factorized and
     #: depthwise-separable layers); False freezes the layer and everything under it.
     trains_children: ClassVar[bool] = False
+    #: True when the layer holds integer streams (``streams()`` / ``set_streams()``) that
+    #: an entropy coder may store instead (a subclass that stores more turns it off)
+    has_streams: ClassVar[bool] = False
 
     def spec(self) -> dict[str, Any]:
         """JSON-able constructor arguments: enough for ``from_spec`` to rebuild the shapes."""
@@ -53,6 +70,19 @@ class CompressedModule(nn.Module):
         """What is wrong with ``spec`` read from an artifact (types, ranges, arithmetic
         between keys), or None; checked before ``from_spec`` builds anything."""
         return check_spec(spec, cls, cls.spec_rules)
+
+    @classmethod
+    def stream_count(cls, spec: dict[str, Any]) -> int:
+        """How many integer streams a layer of this (checked) spec holds."""
+        return 0
+
+    def streams(self) -> list[Stream]:
+        """The integer streams an entropy coder may store instead (``has_streams``)."""
+        raise NotImplementedError(f"{type(self).__name__} holds no integer streams")
+
+    def set_streams(self, symbols: list[torch.Tensor]) -> None:
+        """Store the tensors the stream ``symbols`` stand for (inverse of ``streams``)."""
+        raise NotImplementedError(f"{type(self).__name__} holds no integer streams")
 
     def verify(self) -> None:
         """Raise ValueError when the loaded tensors contradict each other (a mask's count
@@ -92,6 +122,11 @@ def compressed_module(cls: M) -> M:
 
 def module_class(name: str) -> type[CompressedModule] | None:
     return _MODULES.get(name)
+
+
+def stream_layers() -> tuple[type[CompressedModule], ...]:
+    """The registered layer classes whose integer streams can be entropy-coded."""
+    return tuple(cls for cls in _MODULES.values() if cls.has_streams)
 
 
 def after_replay(fn: FX) -> FX:

@@ -31,13 +31,16 @@ DEFAULT_METHOD = {
 
 _HANDLERS: dict[type, Handler] = {}
 _CONFIGS: dict[tuple[str, str], type[Config]] = {}
-_TYPES: dict[type, tuple[type[nn.Module], ...]] = {}
+Types = tuple[type[nn.Module], ...]
+_TYPES: dict[type, Types | Callable[[], Types]] = {}
 
 
-def register(config_cls: type[Config], types: tuple[type[nn.Module], ...] = ()) -> Callable[[H], H]:
+def register(config_cls: type[Config], types: Types | Callable[[], Types] = ()) -> Callable[[H], H]:
     """Register ``handler`` for ``config_cls`` (and the config under its kind/method).
 
-    ``types`` are the module types the stage's ``targets`` select among.
+    ``types`` are the module types the stage's ``targets`` select among, or a function
+    returning them when a stage is looked up (for types known only once every layer module
+    is imported: the layers that hold integer streams).
     """
     if config_cls.kind not in KINDS:
         raise ValueError(f"{config_cls.__name__}.kind={config_cls.kind!r} is not one of {KINDS}")
@@ -70,5 +73,6 @@ def available_kinds() -> list[str]:
     return [k for k in KINDS if any(kk == k for (kk, _) in _CONFIGS)]
 
 
-def module_types(config: Config) -> tuple[type[nn.Module], ...]:
-    return _TYPES.get(type(config), ())
+def module_types(config: Config) -> Types:
+    types = _TYPES.get(type(config), ())
+    return types() if callable(types) else types

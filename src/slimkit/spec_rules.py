@@ -149,6 +149,8 @@ RULES: dict[str, Rule] = {
     "normalized_shape": _shape,
     "inner_type": _str,
     "inner_spec": _dict,
+    "format": _dict,
+    "granularity": spec_choice("per_tensor", "per_channel", "per_group"),
     "streams": _streams,
     "positions": spec_choice("gaps", "bytes"),
     "floats": _optional(spec_choice("float32", "float16")),

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slimkit.layers.bitmask import pack_mask, unpack_mask
+from slimkit.formats.bitmask import pack_mask, unpack_mask
 
 
 @settings(max_examples=100, deadline=None, database=None)

@@ -11,7 +11,7 @@ from torch import nn
 import slimkit
 from slimkit.compressed import count_params, module_class
 from slimkit.errors import ConfigError
-from slimkit.layers import primitives as P
+from slimkit.formats import primitives as P
 from slimkit.layers.quantized import QuantConv2d, QuantEmbedding, QuantLinear
 from slimkit.recipe import shipped_dir
 

@@ -18,7 +18,7 @@ from slimkit.encode import huffman
 from slimkit.encode.positions import ESCAPE, gaps_from_mask, mask_from_gaps
 from slimkit.encode.stage import HuffmanCoded
 from slimkit.errors import ConfigError
-from slimkit.layers.bitmask import pack_mask, unpack_mask
+from slimkit.formats.bitmask import pack_mask, unpack_mask
 
 from .test_stage import PRUNE_90, QUANT_STAGES, Net, X, net, recipe
 

@@ -13,7 +13,7 @@ from torch import nn
 import slimkit
 from slimkit.context import Context
 from slimkit.errors import ConfigError, DataError
-from slimkit.layers.bitmask import unpack_mask
+from slimkit.formats.bitmask import unpack_mask
 from slimkit.layers.codebook import KMeansLinear
 from slimkit.layers.quantized import QuantLinear
 from slimkit.layers.sparse import SparseConv2d, SparseLinear

@@ -199,7 +199,7 @@ def test_non_finite_weights_are_refused(tmp_path: Path, value: float) -> None:
 def _coded_layer(art: Path) -> tuple[str, HuffmanCoded]:
     model = slimkit.load(art)
     for name, m in model.named_modules():
-        if isinstance(m, HuffmanCoded) and any(s["n_chunks"] > 1 for s in m.streams):
+        if isinstance(m, HuffmanCoded) and any(s["n_chunks"] > 1 for s in m.layouts):
             return name, m
     raise AssertionError("no layer with several chunks")
 
@@ -208,9 +208,9 @@ def _coded_layer(art: Path) -> tuple[str, HuffmanCoded]:
 def test_huffman_chunk_offsets_are_checked_at_load(tmp_path: Path, shift: int) -> None:
     art = _copy("huffman-quant", tmp_path)
     name, layer = _coded_layer(art)
-    at = sum(payload_bytes(s) for s in layer.streams)
-    coded = unpack_payload(layer.payload[:at], layer.streams)
-    i = next(i for i, s in enumerate(layer.streams) if s["n_chunks"] > 1)
+    at = sum(payload_bytes(s) for s in layer.layouts)
+    coded = unpack_payload(layer.payload[:at], layer.layouts)
+    i = next(i for i, s in enumerate(layer.layouts) if s["n_chunks"] > 1)
     coded[i].starts[1] += shift
     header, payload = _split(art)
     begin = header[f"{name}.payload"]["data_offsets"][0]

@@ -16,7 +16,7 @@ import slimkit
 import slimkit.prune.schedule as schedule_module
 from slimkit.config import Scope
 from slimkit.errors import ConfigError, DataError
-from slimkit.layers.bitmask import unpack_mask
+from slimkit.formats.bitmask import unpack_mask
 from slimkit.layers.sparse import SparseConv2d, SparseLinear
 from slimkit.prune.importance import Criterion
 from slimkit.prune.schedule import (

@@ -12,7 +12,7 @@ from torch import nn
 
 import slimkit
 from slimkit.errors import ConfigError, DataError
-from slimkit.layers import primitives as P
+from slimkit.formats import primitives as P
 from slimkit.layers.quantized import QuantConv2d, QuantEmbedding, QuantLinear
 from slimkit.quant.awq import (
     AWQConfig,

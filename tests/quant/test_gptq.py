@@ -13,7 +13,7 @@ from torch import nn
 import slimkit
 from slimkit.calib.hessian import HessianError, Hessians, accumulate_hessian, inverse_factor
 from slimkit.errors import ConfigError, DataError
-from slimkit.layers import primitives as P
+from slimkit.formats import primitives as P
 from slimkit.layers.quantized import QuantConv2d, QuantEmbedding, QuantLinear
 from slimkit.quant.gptq import GPTQConfig, gptq_quantize
 

@@ -16,7 +16,7 @@ import slimkit
 from slimkit.config import Granularity
 from slimkit.context import Context
 from slimkit.errors import ConfigError, DataError
-from slimkit.layers.primitives import fake_quantize
+from slimkit.formats.primitives import fake_quantize
 from slimkit.layers.quantized import QuantEmbedding, QuantLinear
 from slimkit.quant import mixed as M
 from slimkit.recipe import Recipe, shipped_dir

@@ -10,8 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from slimkit.layers import packing as K
-from slimkit.layers.primitives import qrange
+from slimkit.formats import packing as K
+from slimkit.formats.primitives import qrange
 
 SETTINGS = settings(
     max_examples=80,

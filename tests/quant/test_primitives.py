@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from slimkit.layers import primitives as P
+from slimkit.formats import primitives as P
 
 SETTINGS = settings(
     max_examples=60,

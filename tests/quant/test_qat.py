@@ -16,7 +16,7 @@ import slimkit
 from slimkit.compressed import is_simulated
 from slimkit.data import Batch
 from slimkit.errors import ConfigError, DataError
-from slimkit.layers import primitives as P
+from slimkit.formats import primitives as P
 from slimkit.layers.quantized import QuantConv2d, QuantLinear
 from slimkit.quant.qat import (
     LSQQuantizer,

@@ -14,7 +14,7 @@ from torch import nn
 import slimkit
 from slimkit.compressed import count_params, is_simulated, module_class
 from slimkit.errors import ConfigError, DataError
-from slimkit.layers import primitives as P
+from slimkit.formats import primitives as P
 from slimkit.layers.quantized import QuantLinear
 from slimkit.quant.observers import OBSERVERS
 from slimkit.quant.static import (

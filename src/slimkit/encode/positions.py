@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from slimkit.layers.bitmask import pack_mask, unpack_mask
+from slimkit.formats.bitmask import pack_mask, unpack_mask
 
 ESCAPE = 255  # the default escape: "skip 255 pruned weights"
 ESCAPES = (3, 7, 15, 31, 63, 127, 255)  # the escapes the encode stage tries

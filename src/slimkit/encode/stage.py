@@ -13,111 +13,40 @@ of the symbols ``0..n_symbols - 1``, the code bits, then the chunk offsets (int6
 spec records each stream's sizes. Decoding happens once, on the first forward after the
 payload changes (after loading); the wrapped layer then computes as before.
 
-Which buffers hold the streams, and how they map to uint8 symbols, is a :class:`Codec` per
-layer type (:data:`CODECS`).
+Which tensors hold the streams, and how they map to uint8 symbols, each layer says itself
+(``streams()`` / ``set_streams()``, from its weight format); layers with ``has_streams``
+can be coded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from slimkit.compressed import CompressedModule, compressed_module, module_class
+from slimkit.compressed import CompressedModule, compressed_module, module_class, stream_layers
 from slimkit.config import StageConfig
 from slimkit.context import Context
 from slimkit.encode import huffman
 from slimkit.encode.positions import ESCAPE, ESCAPES, gaps_from_mask, mask_from_gaps
-from slimkit.layers import packing
-from slimkit.layers.codebook import (
-    KMeansConv2d,
-    KMeansLinear,
-    KMeansWeight,
-    SparseKMeansConv2d,
-    SparseKMeansLinear,
-    SparseKMeansWeight,
-)
-from slimkit.layers.quantized import QuantConv2d, QuantEmbedding, QuantLinear, QuantWeight
-from slimkit.layers.sparse import SparseConv2d, SparseLinear
 from slimkit.registry import register
 from slimkit.select import swap_modules
 
 Streams = list[torch.Tensor]
 
 
-@dataclasses.dataclass(frozen=True)
-class Codec:
-    """Where a layer type keeps its integer streams and how they become uint8 symbols."""
-
-    buffers: tuple[str, ...]
-    to_symbols: Callable[[Any], Streams]  # layer -> one (n_i,) uint8 tensor per buffer
-    restore: Callable[[Any, Streams], None]  # (layer, symbols) -> buffers filled
-    mask: int | None = None  # which stream, if any, is a packed bitmask of the weight
+def _symbols(layer: CompressedModule) -> Streams:
+    return [s.symbols for s in layer.streams()]
 
 
-def _numel(layer: Any) -> int:
-    return int(torch.Size(layer.weight_shape).numel())
-
-
-def _kmeans_symbols(layer: KMeansWeight) -> Streams:
-    return [layer.index_tensor().to(torch.uint8)]
-
-
-def _kmeans_restore(layer: KMeansWeight, streams: Streams) -> None:
-    layer.indices.copy_(packing.pack(streams[0], layer.bits))
-
-
-def _sparse_kmeans_symbols(layer: SparseKMeansWeight) -> Streams:
-    return [layer.index_tensor().to(torch.uint8), layer.mask.clone()]
-
-
-def _sparse_kmeans_restore(layer: SparseKMeansWeight, streams: Streams) -> None:
-    layer.indices.copy_(packing.pack(streams[0], layer.bits))
-    layer.mask.copy_(streams[1])
-
-
-def _sparse_symbols(layer: SparseLinear | SparseConv2d) -> Streams:
-    return [layer.mask.clone()]
-
-
-def _sparse_restore(layer: SparseLinear | SparseConv2d, streams: Streams) -> None:
-    layer.mask.copy_(streams[0])
-    layer.dense = None
-
-
-def _quant_symbols(layer: QuantWeight) -> Streams:
-    if layer.bits == 8:  # int8 codes, reinterpreted byte for byte
-        return [layer.qweight.reshape(-1).view(torch.uint8).clone()]
-    return [packing.unpack(layer.qweight, layer.bits, _numel(layer)).to(torch.uint8)]
-
-
-def _quant_restore(layer: QuantWeight, streams: Streams) -> None:
-    if layer.bits == 8:
-        layer.qweight.copy_(streams[0].view(torch.int8).reshape(layer.qweight.shape))
-    else:
-        layer.qweight.copy_(packing.pack(streams[0], layer.bits))
-
-
-_KMEANS = Codec(("indices",), _kmeans_symbols, _kmeans_restore)
-_SPARSE_KMEANS = Codec(("indices", "mask"), _sparse_kmeans_symbols, _sparse_kmeans_restore, mask=1)
-_SPARSE = Codec(("mask",), _sparse_symbols, _sparse_restore, mask=0)
-_QUANT = Codec(("qweight",), _quant_symbols, _quant_restore)
-CODECS: dict[type[nn.Module], Codec] = {
-    KMeansLinear: _KMEANS,
-    KMeansConv2d: _KMEANS,
-    SparseKMeansLinear: _SPARSE_KMEANS,
-    SparseKMeansConv2d: _SPARSE_KMEANS,
-    SparseLinear: _SPARSE,
-    SparseConv2d: _SPARSE,
-    QuantLinear: _QUANT,
-    QuantConv2d: _QUANT,
-    QuantEmbedding: _QUANT,
-}
+def _mask_index(layer: CompressedModule) -> int | None:
+    """Which stream of ``layer``, if any, is a packed bitmask of its weight."""
+    found = [i for i, s in enumerate(layer.streams()) if s.bitmask]
+    return found[0] if found else None
 
 
 # -- payload layout -----------------------------------------------------------------------
@@ -221,25 +150,27 @@ class HuffmanCoded(CompressedModule):
     ) -> None:
         super().__init__()
         cls = module_class(inner_type)
-        if cls is None or cls not in CODECS:
+        if cls is None or not cls.has_streams:
             raise ValueError(f"no Huffman codec for layer type {inner_type!r}")
         if positions not in ("gaps", "bytes"):
             raise ValueError(f"positions {positions!r}; allowed: gaps, bytes")
         if floats is not None and floats not in FLOATS:
             raise ValueError(f"floats {floats!r}; allowed: {', '.join(FLOATS)}")
         self.inner = cls.from_spec(inner_spec)
-        self.codec = CODECS[cls]
-        if len(streams) != len(self.codec.buffers):
-            raise ValueError(
-                f"{inner_type} has {len(self.codec.buffers)} streams, got {len(streams)}"
-            )
+        held = self.inner.streams()
+        self.stream_names = [s.name for s in held]
+        self.mask = next((i for i, s in enumerate(held) if s.bitmask), None)
+        self.n_weights = max((s.n_weights for s in held), default=0)
+        self.symbol_bits = [s.bits for s in held]
+        if len(streams) != len(held):
+            raise ValueError(f"{inner_type} has {len(held)} streams, got {len(streams)}")
         self.positions, self.floats, self.escape = positions, floats, escape
         # the streams are rebuilt from the payload, so the wrapped layer does not save them
-        self.inner._non_persistent_buffers_set.update(self.codec.buffers)
+        self.inner._non_persistent_buffers_set.update(self.stream_names)
         self.held_params = 0
         self.raw_names = self._take_tensors() if floats is not None else []
-        self.streams = [dict(layout) for layout in streams]
-        size = sum(payload_bytes(layout) for layout in self.streams)
+        self.layouts = [dict(layout) for layout in streams]
+        size = sum(payload_bytes(layout) for layout in self.layouts)
         size += sum(self._stored(self._tensor(n)).numel() for n in self.raw_names)
         self.register_buffer("payload", torch.zeros(size, dtype=torch.uint8))
         self._decoded: int | None = None  # payload._version of the decoded payload
@@ -278,12 +209,13 @@ class HuffmanCoded(CompressedModule):
     def wrap(
         cls, layer: CompressedModule, positions: str = "gaps", floats: str | None = "float32"
     ) -> HuffmanCoded:
-        codec = CODECS[type(layer)]
-        symbols = codec.to_symbols(layer)
+        held = layer.streams()
+        symbols = [s.symbols for s in held]
+        mask = _mask_index(layer)
         escape = ESCAPE
         coded = [huffman.encode(s) for s in symbols]
-        if codec.mask is not None and positions == "gaps":
-            escape, coded[codec.mask] = _best_gaps(symbols[codec.mask], _numel(layer))
+        if mask is not None and positions == "gaps":
+            escape, coded[mask] = _best_gaps(symbols[mask], held[mask].n_weights)
         layouts = [stream_layout(c) for c in coded]
         out = cls(type(layer).__name__, layer.spec(), layouts, positions, floats, escape)
         state = layer.state_dict()
@@ -299,13 +231,14 @@ class HuffmanCoded(CompressedModule):
         if problem is not None:
             return problem
         inner = module_class(spec["inner_type"])
-        if inner is None or inner not in CODECS:
+        if inner is None or not inner.has_streams:
             return f"inner_type={spec['inner_type']!r} is not a layer with integer streams"
         problem = inner.check_spec(spec["inner_spec"])
         if problem is not None:
             return f"inner_spec: {problem}"
-        if len(spec["streams"]) != len(CODECS[inner].buffers):
-            return f"{spec['inner_type']} has {len(CODECS[inner].buffers)} streams"
+        count = inner.stream_count(spec["inner_spec"])
+        if len(spec["streams"]) != count:
+            return f"{spec['inner_type']} has {count} streams"
         for layout in spec["streams"]:
             if layout["n_chunks"] != -(-layout["n"] // huffman.CHUNK):
                 return f"a stream of {layout['n']} symbols needs {-(-layout['n'] // 4096)} chunks"
@@ -320,17 +253,15 @@ class HuffmanCoded(CompressedModule):
     def _restore(self) -> None:
         if self._decoded == self.payload._version:
             return
-        at = sum(payload_bytes(layout) for layout in self.streams)
-        coded = unpack_payload(self.payload[:at], self.streams)
+        at = sum(payload_bytes(layout) for layout in self.layouts)
+        coded = unpack_payload(self.payload[:at], self.layouts)
         symbols = [huffman.decode(c) for c in coded]
-        bits = getattr(self.inner, "bits", 8)
-        for i, stream in enumerate(symbols):
+        for i, (stream, bits) in enumerate(zip(symbols, self.symbol_bits, strict=True)):
             top = int(stream.max()) if stream.numel() else 0
-            if i != self.codec.mask and bits < 8 and top >= 1 << bits:
+            if i != self.mask and bits < 8 and top >= 1 << bits:
                 raise ValueError(f"stream {i} holds symbol {top}, over {bits} bits")
-        if self.codec.mask is not None and self.positions == "gaps":
-            numel = _numel(self.inner)
-            symbols[self.codec.mask] = mask_from_gaps(symbols[self.codec.mask], numel, self.escape)
+        if self.mask is not None and self.positions == "gaps":
+            symbols[self.mask] = mask_from_gaps(symbols[self.mask], self.n_weights, self.escape)
         with torch.no_grad():
             for name in self.raw_names:
                 t = self._tensor(name)
@@ -339,12 +270,12 @@ class HuffmanCoded(CompressedModule):
                 stored = self.payload[at : at + size].clone().view(dtype)
                 t.copy_(stored.reshape(t.shape).to(t.dtype))
                 at += size
-        expected = [t.numel() for t in self.codec.to_symbols(self.inner)]
+        expected = [t.numel() for t in _symbols(self.inner)]
         if [t.numel() for t in symbols] != expected:
             raise ValueError(
                 f"decoded streams of {[t.numel() for t in symbols]} symbols, expected {expected}"
             )
-        self.codec.restore(self.inner, symbols)
+        self.inner.set_streams(symbols)
         self._decoded = self.payload._version
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -355,7 +286,7 @@ class HuffmanCoded(CompressedModule):
         out: dict[str, Any] = {
             "inner_type": type(self.inner).__name__,
             "inner_spec": self.inner.spec(),
-            "streams": self.streams,
+            "streams": self.layouts,
             "positions": self.positions,
         }
         if self.positions == "gaps":
@@ -370,12 +301,12 @@ class HuffmanCoded(CompressedModule):
 
     def bits_per_symbol(self) -> list[float]:
         """Mean coded bits per symbol of each stream, lengths and offsets included."""
-        return [8.0 * payload_bytes(s) / max(s["n"], 1) for s in self.streams]
+        return [8.0 * payload_bytes(s) / max(s["n"], 1) for s in self.layouts]
 
     def describe(self) -> str:
         rates = ", ".join(
             f"{name} {rate:.2f} bits/symbol"
-            for name, rate in zip(self.codec.buffers, self.bits_per_symbol(), strict=True)
+            for name, rate in zip(self.stream_names, self.bits_per_symbol(), strict=True)
         )
         where = f"; other tensors in the payload as {self.floats}" if self.floats else ""
         return f"Huffman-coded {rates}{where}"
@@ -411,7 +342,7 @@ class HuffmanConfig(StageConfig):
     floats: Floats = Floats.FLOAT32
 
 
-@register(HuffmanConfig, types=tuple(CODECS))
+@register(HuffmanConfig, types=stream_layers)
 def apply_huffman(model: nn.Module, config: HuffmanConfig, ctx: Context) -> nn.Module:
     def make(name: str, module: nn.Module) -> nn.Module:
         assert isinstance(module, CompressedModule)

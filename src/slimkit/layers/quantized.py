@@ -1,20 +1,10 @@
-"""Weight-quantized layers: store integer codes + scales, compute from them.
-
-Storage (the buffers an artifact holds):
-
-- ``qweight``: the codes. 8-bit codes are an int8 tensor of the weight's shape; 2..7-bit codes
-  are offset to unsigned and bit-packed into a flat uint8 tensor of ``ceil(n * bits / 8)``
-  bytes, so the artifact's size shows the bits.
-- ``scale`` (fp32, (R, G)): one per tensor (1, 1), output channel (C, 1) or group of
-  ``group_size`` consecutive inputs (C, K / group_size); ``zero_point`` (same shape, integers
-  held in fp32) when asymmetric.
-- ``in_scale`` (fp32, (K_in,)), only with ``input_scaling=True``: a per-input-channel factor
-  folded back into the weight (activation-aware scaling quantizes ``W * s`` and stores
-  ``1 / s`` here).
+"""Weight-quantized layers: Linear, Conv2d and Embedding whose weight is held in the affine
+integer format (:mod:`slimkit.formats.affine`: codes, scales, zero points).
 
 Packed codes are unpacked once into an int8 cache (1 byte per weight, refreshed when the
-buffer changes). The forward dequantizes the weight to fp32 and runs the float kernel: no
-integer kernel is claimed here, the report's measured latency says what it costs.
+buffer changes). The forward dequantizes the weight to fp32 and runs the float kernel (an
+embedding dequantizes only the rows it looks up): no integer kernel is claimed here, the
+report's measured latency says what it costs.
 """
 
 from __future__ import annotations
@@ -25,30 +15,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimkit.compressed import (
-    CompressedModule,
-    ConvGeometry,
-    compressed_module,
-    conv_args,
-    copy_bias,
-)
-from slimkit.layers import packing
-from slimkit.layers import primitives as P
+from slimkit.compressed import ConvGeometry, compressed_module, conv_args, copy_bias
+from slimkit.config import Granularity
+from slimkit.formats.affine import AffineFormat
+from slimkit.formats.base import WeightFormat
+from slimkit.layers.weight import FormatWeight
 
 
-def scale_shape(shape: tuple[int, ...], per_channel: bool, group_size: int | None) -> tuple:
-    """(R, G) of the scales of a weight of ``shape`` (first dim = output channels)."""
-    k = 1
-    for d in shape[1:]:
-        k *= d
-    if group_size is not None:
-        P.check_group_size(k, group_size)
-        return (shape[0], k // group_size)
-    return (shape[0], 1) if per_channel else (1, 1)
+class QuantWeight(FormatWeight):
+    """A layer whose weight is held in the affine integer format (:class:`AffineFormat`),
+    with the spec keys of its first version (``per_channel`` rather than a granularity)."""
 
+    format: AffineFormat
 
-class QuantWeight(CompressedModule):
-    """Shared storage of a layer whose weight is held as integer codes."""
+    @classmethod
+    def format_class(cls, spec: dict[str, Any]) -> type[WeightFormat]:
+        return AffineFormat
 
     qweight: torch.Tensor
     scale: torch.Tensor
@@ -64,22 +46,28 @@ class QuantWeight(CompressedModule):
         group_size: int | None,
         input_scaling: bool = False,
     ) -> None:
-        P.qrange(bits, symmetric)  # validates bits
-        self.bits, self.symmetric = bits, symmetric
-        self.per_channel, self.group_size = per_channel, group_size
-        self.weight_shape = tuple(shape)
-        rows = scale_shape(self.weight_shape, per_channel, group_size)
-        n = int(torch.Size(shape).numel())
-        if bits == 8:
-            self.register_buffer("qweight", torch.zeros(shape, dtype=torch.int8))
+        if group_size is not None:
+            granularity = Granularity.PER_GROUP
         else:
-            size = packing.packed_bytes(n, bits)
-            self.register_buffer("qweight", torch.zeros(size, dtype=torch.uint8))
-        self.register_buffer("scale", torch.ones(rows))
-        self.register_buffer("zero_point", None if symmetric else torch.zeros(rows))
-        in_features = shape[1] if len(shape) > 1 else 1
-        self.register_buffer("in_scale", torch.ones(in_features) if input_scaling else None)
-        self._cache: tuple[int, torch.Tensor] | None = None
+            granularity = Granularity.PER_CHANNEL if per_channel else Granularity.PER_TENSOR
+        fmt = AffineFormat(tuple(shape), bits, symmetric, granularity, group_size, input_scaling)
+        self._init_format(fmt)
+
+    @property
+    def bits(self) -> int:
+        return self.format.bits
+
+    @property
+    def symmetric(self) -> bool:
+        return self.format.symmetric
+
+    @property
+    def per_channel(self) -> bool:
+        return self.format.per_channel
+
+    @property
+    def group_size(self) -> int | None:
+        return self.format.group_size
 
     def _quant_spec(self) -> dict[str, Any]:
         spec: dict[str, Any] = {
@@ -88,83 +76,26 @@ class QuantWeight(CompressedModule):
             "per_channel": self.per_channel,
             "group_size": self.group_size,
         }
-        if self.in_scale is not None:
+        if self.format.input_scaling:
             spec["input_scaling"] = True
         return spec
 
-    # -- codes ---------------------------------------------------------------------------
     @property
     def codes(self) -> torch.Tensor:
         """The int8 codes, shaped like the weight (unpacked once, cached)."""
-        if self.bits == 8:
-            return self.qweight
-        version = self.qweight._version
-        if self._cache is None or self._cache[0] != version:
-            n = int(torch.Size(self.weight_shape).numel())
-            u = packing.unpack(self.qweight, self.bits, n)
-            codes = packing.from_unsigned(u, self.bits, self.symmetric)
-            self._cache = (version, codes.reshape(self.weight_shape))
-        return self._cache[1]
+        codes: torch.Tensor = self.unpacked()
+        return codes
 
     def set_quantized(
         self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
     ) -> None:
         """Store given integer ``codes`` (weight shape) with their scale and zero point."""
-        if tuple(codes.shape) != self.weight_shape:
-            raise ValueError(f"codes of shape {tuple(codes.shape)}, expected {self.weight_shape}")
-        codes = codes.to(torch.int8)
-        if self.bits == 8:
-            self.qweight.copy_(codes)
-        else:
-            u = packing.to_unsigned(codes.reshape(-1), self.bits, self.symmetric)
-            self.qweight.copy_(packing.pack(u, self.bits))
-        self.scale.copy_(scale.reshape(self.scale.shape))
-        if self.zero_point is not None:
-            if zero is None:
-                raise ValueError("an asymmetric layer needs zero points")
-            self.zero_point.copy_(zero.reshape(self.zero_point.shape))
-        self._cache = None
-
-    def set_weight(self, w: torch.Tensor) -> None:
-        """Quantize the float weight ``w`` (round to nearest) into this layer's storage."""
-        w = w.detach().float()
-        group = self.group_size
-        scale, zero = P.qparams(w, self.bits, self.symmetric, self.per_channel, group)
-        self.set_quantized(P.quantize(w, scale, zero, self.bits, self.symmetric), scale, zero)
+        self.store(self.format.from_codes(codes, scale, zero))
 
     def set_in_scale(self, factor: torch.Tensor) -> None:
         if self.in_scale is None:
             raise ValueError("this layer was built without input_scaling")
-        self.in_scale.copy_(factor)
-
-    def dense_weight(self) -> torch.Tensor:
-        w = P.dequantize(self.codes, self.scale, self.zero_point)
-        if self.in_scale is not None:
-            view = [1] * w.dim()
-            view[1] = -1
-            w = w * self.in_scale.reshape(view)
-        return w
-
-    def n_params(self) -> int:
-        return int(torch.Size(self.weight_shape).numel())
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_cache"] = None
-        return state
-
-    def describe(self) -> str:
-        if self.group_size is not None:
-            gran = f"group {self.group_size}"
-        else:
-            gran = "per_channel" if self.per_channel else "per_tensor"
-        sym = "sym" if self.symmetric else "asym"
-        packed = "" if self.bits == 8 else " packed"
-        scaled = " input-scaled" if self.in_scale is not None else ""
-        return (
-            f"int{self.bits}{packed} {gran} {sym}{scaled} weights, "
-            "dequantized on the fly for the fp32 kernel"
-        )
+        self.store({"in_scale": factor})
 
 
 @compressed_module
@@ -313,5 +244,4 @@ class QuantEmbedding(QuantWeight):
             return t.reshape(()).expand(*idx.shape, 1)
         return F.embedding(idx, t)
 
-    def describe(self) -> str:
-        return super().describe().replace("on the fly for the fp32 kernel", "row by row on lookup")
+    runs_as = "dequantized row by row on lookup"

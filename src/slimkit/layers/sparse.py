@@ -43,12 +43,13 @@ from torch import nn
 from slimkit.compressed import (
     CompressedModule,
     ConvGeometry,
+    Stream,
     compressed_module,
     conv_args,
     copy_bias,
 )
 from slimkit.errors import ConfigError
-from slimkit.layers.bitmask import check_mask, pack_mask, unpack_mask
+from slimkit.formats.bitmask import check_mask, pack_mask, unpack_mask
 from slimkit.spec_rules import Rule, spec_choice
 
 
@@ -119,6 +120,7 @@ def check_pattern(keep: torch.Tensor, pattern: str) -> None:
 
 
 class _SparseWeight(CompressedModule):
+    has_streams = True
     values: torch.Tensor
     mask: torch.Tensor
     dense: torch.Tensor | None
@@ -192,6 +194,20 @@ class _SparseWeight(CompressedModule):
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
+        self._reset_caches()
+
+    # -- integer streams (for entropy coding) ------------------------------------------------
+    @classmethod
+    def stream_count(cls, spec: dict[str, Any]) -> int:
+        return 1
+
+    def streams(self) -> list[Stream]:
+        """The packed keep-mask, one symbol per mask byte."""
+        numel = int(torch.Size(self.weight_shape).numel())
+        return [Stream("mask", self.mask.clone(), 8, bitmask=True, n_weights=numel)]
+
+    def set_streams(self, symbols: list[torch.Tensor]) -> None:
+        self.mask.copy_(symbols[0])
         self._reset_caches()
 
     def n_params(self) -> int:

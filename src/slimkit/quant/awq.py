@@ -35,7 +35,7 @@ from torch import nn
 from slimkit.calib.capture import rows
 from slimkit.calib.sequential import Group, PerInput, geometry, input_rows, quantize_sequential
 from slimkit.context import Context
-from slimkit.layers import primitives as P
+from slimkit.formats import primitives as P
 from slimkit.quant.common import WeightQuantConfig, empty_twin
 from slimkit.registry import register
 from slimkit.select import swap_modules

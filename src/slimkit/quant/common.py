@@ -11,7 +11,7 @@ from torch import nn
 from slimkit.calib.hessian import input_size
 from slimkit.config import Granularity, StageConfig
 from slimkit.errors import ConfigError
-from slimkit.layers import primitives as P
+from slimkit.formats import primitives as P
 from slimkit.layers.quantized import QuantConv2d, QuantEmbedding, QuantLinear, QuantWeight
 
 MIN_BITS, MAX_BITS = 2, 8

@@ -47,7 +47,7 @@ from slimkit.calib.sequential import (
     quantize_sequential,
 )
 from slimkit.context import Context
-from slimkit.layers import primitives as P
+from slimkit.formats import primitives as P
 from slimkit.quant.common import WeightQuantConfig, empty_twin
 from slimkit.registry import register
 from slimkit.select import swap_modules

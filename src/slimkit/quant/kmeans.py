@@ -5,7 +5,7 @@ dimension; every weight is then replaced by its cluster's centroid. A layer stor
 
 - ``codebook`` (fp32, (2**bits,)): the shared values;
 - ``indices`` (uint8, (ceil(n * bits / 8),)): the codebook index of each of the ``n`` weights,
-  bit-packed with :mod:`slimkit.layers.packing`,
+  bit-packed with :mod:`slimkit.formats.packing`,
 
 so the artifact's size shows the bits. The forward gathers the codebook into the dense weight
 and runs the float kernel; the unpacked indices are cached (int64, refreshed when the packed
@@ -32,10 +32,9 @@ from slimkit.config import StageConfig
 from slimkit.context import Context
 from slimkit.data import call, first_tensor
 from slimkit.errors import ConfigError
+from slimkit.formats.codebook import MAX_BITS, MIN_BITS
 from slimkit.layers.codebook import (
     KMEANS_SWAPS,
-    MAX_BITS,
-    MIN_BITS,
     KMeansWeight,
     sparse_kmeans_twin,
     trainable_codebooks,

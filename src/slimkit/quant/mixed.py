@@ -44,7 +44,7 @@ from slimkit.config import Config
 from slimkit.context import Context
 from slimkit.data import Batch, call, first_tensor
 from slimkit.errors import ConfigError, ModelError
-from slimkit.layers.primitives import fake_quantize
+from slimkit.formats.primitives import fake_quantize
 from slimkit.model_info import eval_mode
 from slimkit.quant.common import MAX_BITS, MIN_BITS, WEIGHT_SWAPS, WeightQuantConfig
 from slimkit.registry import register

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from slimkit.layers.primitives import params_from_range, qrange
+from slimkit.formats.primitives import params_from_range, qrange
 
 PER_UPDATE_SAMPLE = 2**18
 SAMPLE_CAP = 2**20

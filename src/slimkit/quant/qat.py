@@ -32,7 +32,7 @@ from slimkit.config import StageConfig
 from slimkit.context import Context
 from slimkit.data import Batch, call, check_batch, first_tensor, writable
 from slimkit.errors import DataError, ModelError
-from slimkit.layers import primitives as P
+from slimkit.formats import primitives as P
 from slimkit.quant.common import MAX_BITS, MIN_BITS, check_convertible, empty_twin
 from slimkit.quant.static import static_twin
 from slimkit.registry import register

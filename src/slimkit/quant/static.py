@@ -27,7 +27,7 @@ from slimkit.calib.capture import run_batches, watching
 from slimkit.compressed import compressed_module
 from slimkit.context import Context
 from slimkit.errors import DataError
-from slimkit.layers import primitives as P
+from slimkit.formats import primitives as P
 from slimkit.layers.quantized import QuantConv2d, QuantLinear, QuantWeight
 from slimkit.quant.common import MAX_BITS, MIN_BITS, WeightQuantConfig
 from slimkit.quant.observers import OBSERVERS, Observer, make_observer
@@ -68,6 +68,7 @@ class StaticActivations(QuantWeight):
     """Integer weight storage plus a static per-tensor activation range (``act_*`` buffers)."""
 
     simulated: ClassVar[bool] = False
+    has_streams: ClassVar[bool] = False  # not Huffman-coded: its activation range rides along
     act_scale: torch.Tensor
     act_zero: torch.Tensor
 

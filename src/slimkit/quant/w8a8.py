@@ -20,7 +20,7 @@ from slimkit.compressed import CompressedModule, compressed_module, copy_bias
 from slimkit.config import StageConfig
 from slimkit.context import Context
 from slimkit.errors import ConfigError
-from slimkit.layers import primitives as P
+from slimkit.formats import primitives as P
 from slimkit.quant import kernels
 from slimkit.quant.smoothquant import smoothing_factors
 from slimkit.registry import register

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from slimkit.layers.primitives import qrange
+from slimkit.formats.primitives import qrange
 
 _ALLOWED_BITS = range(1, 9)
 
