@@ -52,6 +52,7 @@ SLIMKIT_RECIPES = [
     "w8a8-static",
     "w4-rtn",
     "w4-gptq",
+    "w4-nf4",
     "w4-awq",
     "w3-gptq",
     "mixed-4.5bit",

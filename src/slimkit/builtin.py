@@ -10,6 +10,7 @@ so ``import slimkit`` makes all of them known; nothing below the top floor impor
 import slimkit.distill.stage
 import slimkit.encode.stage
 import slimkit.factorize.stage
+import slimkit.formats.nf4
 import slimkit.nas.stage
 import slimkit.prune.magnitude
 import slimkit.prune.nm

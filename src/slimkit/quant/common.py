@@ -12,6 +12,7 @@ from slimkit.calib.hessian import input_size
 from slimkit.config import Granularity, StageConfig
 from slimkit.errors import ConfigError
 from slimkit.formats import primitives as P
+from slimkit.formats.base import Scheme
 from slimkit.layers.quantized import QuantConv2d, QuantEmbedding, QuantLinear, QuantWeight
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -48,6 +49,10 @@ class WeightQuantConfig(StageConfig):
         or layers whose input size ``group_size`` does not divide (all of them listed)."""
         check_convertible(model, names, self.method)
         check_group_sizes(model, names, self.group_size, self._where("group_size"))
+
+    def scheme(self) -> Scheme:
+        """The options as the one value formats take."""
+        return Scheme(self.bits, self.granularity, self.group_size, self.symmetric)
 
     def quant_kwargs(self, bits: int | None = None) -> dict[str, Any]:
         """Keyword arguments of the quantized modules for these options."""
