@@ -202,6 +202,7 @@ def test_to_dict_values() -> None:
         "granularity": "per_tensor",
         "group_size": None,
         "symmetric": True,
+        "format": "affine",
     }
 
 
@@ -215,7 +216,7 @@ def test_unknown_key_suggests_and_lists_allowed() -> None:
     msg = str(info.value)
     assert "unknown key 'bitz'" in msg
     assert "did you mean 'bits'?" in msg
-    assert "allowed: targets, ignore, bits, granularity, group_size, symmetric" in msg
+    assert "allowed: targets, ignore, bits, granularity, group_size, symmetric, format" in msg
 
 
 def test_unknown_key_with_where_prefix() -> None:

@@ -45,7 +45,7 @@ TOP_KEYS = {
 }
 REQUIRED_KEYS = TOP_KEYS  # every version of slimkit wrote them all
 #: recipe options added after format 1 was first written: older artifacts lack them
-LATER_OPTIONS = frozenset({"strict"})
+LATER_OPTIONS = frozenset({"strict", "format"})
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
 _VERSION = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+([.+\-][a-zA-Z0-9.+\-]{1,40}|[a-z]+[0-9]*)?")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
