@@ -132,7 +132,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             task.model(), recipe, task=task, progress=lambda s: print(f"   {s}", flush=True)
         )
         seconds = time.perf_counter() - start
-        nas = info(searched)["nas"]
+        nas = info(searched)["stages"][-1]["record"]
         ours = {
             "row": RECIPE,
             "architecture": nas["winner"]["description"],

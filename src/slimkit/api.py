@@ -42,16 +42,31 @@ def compress(
     ``data``: model inputs (Tensors, tuples of Tensors or dicts of keyword arguments) for
     calibration and tracing; defaults to the task's calibration data where a stage needs it.
     """
+    return compress_run(model, recipe, data, task, progress=progress).model
+
+
+def compress_run(
+    model: nn.Module,
+    recipe: Recipe | dict[str, Any] | str | os.PathLike[str],
+    data: Iterable[Any] | None = None,
+    task: Task | str | None = None,
+    *,
+    progress: Progress | None = None,
+) -> pipeline.Run:
+    """``compress``, returning every stage's timing and result too (the report files a
+    stage made, for whoever writes the artifact)."""
     rec = as_recipe(recipe)
     the_task = _task(task)
     batches = as_batches(data)
-    model, _ = pipeline.run(model, rec, data=batches, task=the_task, progress=progress)
+    run = pipeline.run(model, rec, data=batches, task=the_task, progress=progress)
     set_info(
-        model,
+        run.model,
         recipe=rec.to_dict(),
         source=the_task.source() if the_task is not None else None,
+        source_extra=run.source() or None,
+        stages=run.records(),
     )
-    return model
+    return run
 
 
 def save(model: nn.Module, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:

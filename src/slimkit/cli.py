@@ -395,20 +395,20 @@ def _compressed(
     from disk: the reloaded model is evaluated."""
     import time
 
-    from slimkit.api import compress
+    from slimkit.api import compress_run
     from slimkit.io.artifact import load
     from slimkit.io.save import io_errors, write_artifact
 
     start = time.perf_counter()
-    compressed = compress(model, rec, task=task, progress=lambda s: step(f"{rec.name}: {s}"))
+    run = compress_run(model, rec, task=task, progress=lambda s: step(f"{rec.name}: {s}"))
     seconds = time.perf_counter() - start
     step(f"{rec.name}: saving")
-    write_artifact(compressed, directory, task=task)
-    from slimkit.nas.stage import write_search_report
-
+    write_artifact(run.model, directory, task=task)
     notes = [f"compressed in {seconds:.1f} s"]
     with io_errors(directory):
-        notes += [f"wrote {p.name}" for p in write_search_report(compressed, directory)]
+        for name, write in run.files().items():  # the report files the stages made
+            write(directory / name)
+            notes.append(f"wrote {name}")
     return _candidate(rec.name, load(directory), directory, rec.name, notes)
 
 

@@ -1,10 +1,11 @@
-"""What a stage handler gets besides the model and its config."""
+"""What a stage handler gets besides the model and its config, and what it returns."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -42,3 +43,31 @@ class Context:
     def report(self, message: str) -> None:
         if self.progress is not None:
             self.progress(message)
+
+
+#: writes one report file of a stage to the path given
+FileWriter = Callable[[Path], None]
+
+
+@dataclasses.dataclass
+class StageResult:
+    """What a stage made: the model, and optionally
+
+    - ``record``: JSON facts about the stage worth keeping with the artifact (the manifest's
+      ``stages`` entry for it);
+    - ``source``: keys the artifact's ``source`` must add so that loading rebuilds the
+      returned model's architecture (a distilled student's options);
+    - ``files``: report files by name, each with the function that writes it (the search
+      Pareto plot); whoever writes the artifact writes them beside it.
+
+    A handler may return the bare model when it has nothing else to say."""
+
+    model: nn.Module
+    record: dict[str, Any] = dataclasses.field(default_factory=dict)
+    source: dict[str, Any] = dataclasses.field(default_factory=dict)
+    files: dict[str, FileWriter] = dataclasses.field(default_factory=dict)
+
+
+def model_of(made: nn.Module | StageResult) -> nn.Module:
+    """The model a handler returned, bare or in its ``StageResult``."""
+    return made.model if isinstance(made, StageResult) else made

@@ -15,7 +15,7 @@ from torch import nn
 from slimkit import registry
 from slimkit.compressed import CompressedModule
 from slimkit.config import StageConfig
-from slimkit.context import Context, Progress
+from slimkit.context import Context, FileWriter, Progress, StageResult
 from slimkit.data import Batch, call
 from slimkit.errors import ConfigError, DataError, SelectionError
 from slimkit.model_info import (
@@ -37,6 +37,36 @@ class StageTiming:
     kind: str
     method: str
     seconds: float
+
+
+@dataclasses.dataclass
+class Run:
+    """The outcome of :func:`run`: the model, each stage's timing and result."""
+
+    model: nn.Module
+    timings: list[StageTiming]
+    results: list[StageResult]
+
+    def records(self) -> list[dict[str, Any]]:
+        """One JSON entry per stage: its kind, method and record (the manifest's
+        ``stages``)."""
+        return [
+            {"kind": t.kind, "method": t.method, "record": r.record}
+            for t, r in zip(self.timings, self.results, strict=True)
+        ]
+
+    def source(self) -> dict[str, Any]:
+        """What the stages add to the model's source (later stages win)."""
+        out: dict[str, Any] = {}
+        for r in self.results:
+            out.update(r.source)
+        return out
+
+    def files(self) -> dict[str, FileWriter]:
+        out: dict[str, FileWriter] = {}
+        for r in self.results:
+            out.update(r.files)
+        return out
 
 
 # -- calibration data ------------------------------------------------------------------------
@@ -110,7 +140,7 @@ def precheck(model: nn.Module, recipe: Recipe, data: Sequence[Batch] | None = No
         if not isinstance(stage, StageConfig):
             continue
         where = f"recipe {recipe.name!r} stages[{i}].{stage.kind}"
-        types: tuple[type, ...] = registry.module_types(stage)
+        types: tuple[type, ...] = registry.target_types(stage)
         if any(issubclass(t, CompressedModule) for t in types):
             types = (*types, _Swapped)  # a layer an earlier stage replaced may be one of them
         try:
@@ -162,8 +192,9 @@ def run(
     data: list[Batch] | None = None,
     task: Task | None = None,
     progress: Progress | None = None,
-) -> tuple[nn.Module, list[StageTiming]]:
-    """Apply every stage of ``recipe`` to ``model`` (in place) and return it with timings.
+) -> Run:
+    """Apply every stage of ``recipe`` to ``model`` (in place); return it with each stage's
+    timing and result.
 
     Every stage starts with the model in eval mode (calibration never changes the model it
     measures: no dropout, BatchNorm statistics untouched; a training stage switches to
@@ -173,6 +204,7 @@ def run(
     flags = training_flags(model)
     original = frozen_copy(model) if needs_original(recipe) else None
     timings = []
+    results = []
     try:
         for i, stage in enumerate(recipe.stages):
             start = time.perf_counter()
@@ -181,12 +213,15 @@ def run(
             ctx.report(f"stage {i + 1}/{len(recipe.stages)}: {stage.kind} {stage.method}")
             model.eval()
             with torch.no_grad():
-                model = registry.handler_for(stage)(model, stage, ctx)
+                made = registry.handler_for(stage)(model, stage, ctx)
+            result = made if isinstance(made, StageResult) else StageResult(made)
+            model = result.model
+            results.append(result)
             data = ctx.data
             timings.append(StageTiming(stage.kind, stage.method, time.perf_counter() - start))
     finally:
         restore_training(model, flags)
-    return model, timings
+    return Run(model, timings, results)
 
 
 def _selected(model: nn.Module, recipe: Recipe, i: int) -> list[str]:
@@ -196,7 +231,7 @@ def _selected(model: nn.Module, recipe: Recipe, i: int) -> list[str]:
     if not isinstance(stage, StageConfig):
         return []
     try:
-        names = select(model, stage.targets, stage.ignore, registry.module_types(stage))
+        names = select(model, stage.targets, stage.ignore, registry.target_types(stage))
     except SelectionError as e:
         raise SelectionError(f"recipe {recipe.name!r} stages[{i}].{stage.kind}: {e}") from None
     return untied(model, names, stage)

@@ -14,10 +14,11 @@ from torch import nn
 
 if TYPE_CHECKING:
     from slimkit.config import Config
-    from slimkit.context import Context
+    from slimkit.context import Context, StageResult
 
-Handler = Callable[[nn.Module, "Config", "Context"], nn.Module]
-H = TypeVar("H", bound=Callable[..., nn.Module])
+#: a stage handler: ``(model, config, ctx)`` -> the model, or a ``StageResult`` with it
+Handler = Callable[[nn.Module, "Config", "Context"], "nn.Module | StageResult"]
+H = TypeVar("H", bound=Callable[..., "nn.Module | StageResult"])
 
 #: every recipe stage kind the format knows, in the order they usually run
 KINDS = ("quantize", "prune", "distill", "finetune", "factorize", "separable", "nas", "encode")
@@ -73,6 +74,6 @@ def available_kinds() -> list[str]:
     return [k for k in KINDS if any(kk == k for (kk, _) in _CONFIGS)]
 
 
-def module_types(config: Config) -> Types:
+def target_types(config: Config) -> Types:
     types = _TYPES.get(type(config), ())
     return types() if callable(types) else types

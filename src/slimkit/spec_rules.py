@@ -159,11 +159,16 @@ RULES: dict[str, Rule] = {
 
 
 def check_spec(
-    spec: Any, init: Callable[..., Any], overrides: dict[str, Rule] | None = None
+    spec: Any,
+    init: Callable[..., Any],
+    overrides: dict[str, Rule] | None = None,
+    cross: bool = True,
 ) -> str | None:
     """What is wrong with ``spec`` as the arguments of ``init`` (a class or function), or
     None. ``overrides``: rules of this layer for keys whose meaning is its own. A class whose
-    ``__init__`` takes ``**kwargs`` accepts the arguments of the next ``__init__`` too."""
+    ``__init__`` takes ``**kwargs`` accepts the arguments of the next ``__init__`` too.
+    ``cross``: check the arithmetic between a layer's shape keys too (not for a spec that
+    has none of them, such as a weight format's)."""
     if not isinstance(spec, dict):
         return "the spec must be a mapping"
     params = _params(init)
@@ -179,7 +184,7 @@ def check_spec(
         problem = "has no known rule" if rule is None else rule(value)
         if problem is not None:
             return f"{key}={_short(value)} {problem}"
-    return _cross(spec)
+    return _cross(spec) if cross else None
 
 
 def _params(init: Callable[..., Any]) -> dict[str, inspect.Parameter]:

@@ -348,8 +348,9 @@ def test_manifest_contents(net: Net, tmp_path: Path) -> None:
     d = slimkit.save(net, tmp_path / "w8")
     m = manifest(d)
     assert m["format"] == "slimkit-artifact"
-    assert m["format_version"] == 1
+    assert m["format_version"] == 2
     assert m["slimkit_version"] == slimkit.__version__
+    assert m["stages"] == [{"kind": "quantize", "method": "rtn", "record": {}}]
     assert m["simulated"] is False
     weights = (d / "model.safetensors").read_bytes()
     assert m["files"] == {
@@ -434,7 +435,7 @@ def test_missing_directory(tmp_path: Path) -> None:
     assert str(tmp_path / "nowhere") in str(info.value)
 
 
-@pytest.mark.parametrize("version", [2, 99])
+@pytest.mark.parametrize("version", [3, 99])
 def test_newer_format_version(saved: Path, version: int) -> None:
     rewrite_manifest(saved, format_version=version)
     with pytest.raises(ArtifactError) as info:

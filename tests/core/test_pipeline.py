@@ -313,7 +313,8 @@ def test_custom_stage_without_data_is_data_error(net: Net, scale_stage: list[Con
 
 def test_run_returns_timings(net: Net) -> None:
     rec = slimkit.Recipe.from_dict(two_stages(["fc1"], ["fc2"]))
-    model, timings = pipeline.run(net, rec)
+    run = pipeline.run(net, rec)
+    model, timings = run.model, run.timings
     assert model is net
     assert [(t.kind, t.method) for t in timings] == [("quantize", "rtn"), ("prune", "magnitude")]
     assert all(t.seconds >= 0 for t in timings)

@@ -268,10 +268,47 @@ def test_a_5000_digit_integer_is_refused(tmp_path: Path) -> None:
     _refused(_raw_manifest(art, text), "digits")
 
 
-@pytest.mark.parametrize("version", [True, -1, 0, 1.0, "1", 2])
+@pytest.mark.parametrize("version", [True, -1, 0, 1.0, "1", 3])
 def test_format_version_must_be_a_known_positive_integer(tmp_path: Path, version: Any) -> None:
     art = _edit(_copy("fp32", tmp_path), lambda m: m.update(format_version=version))
     _refused(art, "format")
+
+
+def test_each_format_version_has_exactly_its_keys(tmp_path: Path) -> None:
+    # format 1 wrote no stage records; format 2 always writes them
+    _refused(_edit(_copy("fp32", tmp_path), lambda m: m.update(stages=[])), "unknown key 'stages'")
+    art = _edit(_copy("fp32", tmp_path / "b"), lambda m: m.update(format_version=2))
+    _refused(art, "key 'stages' is missing")
+
+
+def _resaved(kind: str, tmp_path: Path) -> Path:
+    """A format-2 copy of the format-1 fixture ``kind`` (loaded and saved again)."""
+    return slimkit.save(slimkit.load(_copy(kind, tmp_path)), tmp_path / "v2")
+
+
+def test_a_resaved_format_1_artifact_is_format_2_and_loads(tmp_path: Path) -> None:
+    art = _resaved("w8-rtn", tmp_path)
+    manifest = _manifest(art)
+    assert manifest["format_version"] == 2
+    assert manifest["stages"] == [{"kind": "quantize", "method": "rtn", "record": {}}]
+    slimkit.load(art)
+
+
+@pytest.mark.parametrize(
+    "stages",
+    [
+        [],
+        [{"kind": "prune", "method": "rtn", "record": {}}],
+        [{"kind": "quantize", "method": "gptq", "record": {}}],
+        [{"kind": "quantize", "method": "rtn", "record": []}],
+        [{"kind": "quantize", "method": "rtn"}],
+        [{"kind": "quantize", "method": "rtn", "record": {}}] * 2,
+        {"quantize": "rtn"},
+    ],
+)
+def test_stage_records_must_follow_the_recipe(tmp_path: Path, stages: Any) -> None:
+    art = _edit(_resaved("w8-rtn", tmp_path), lambda m: m.update(stages=stages))
+    _refused(art, "stages")
 
 
 @pytest.mark.parametrize("target", ["conv1", "nowhere", "fc3", "", "fc1.weight", 7])

@@ -36,17 +36,23 @@ def test_stage_returns_searched_model_and_artifact_round_trip(toy_task, tmp_path
     assert torch.equal(loaded(x), model(x))
 
 
-def test_search_report_is_written_for_a_searched_model_only(toy_task, tmp_path) -> None:
-    from slimkit.nas.stage import SEARCH_FRONT, SEARCH_PLOT, write_search_report
+def test_the_stage_returns_its_search_and_report_files(toy_task, tmp_path) -> None:
+    from slimkit.api import compress_run
+    from slimkit.nas.stage import SEARCH_FRONT, SEARCH_PLOT
 
-    model = slimkit.compress(toy_task.model(), recipe(max_params_ratio=0.25), task=toy_task)
-    written = write_search_report(model, tmp_path)
-    assert [p.name for p in written] == [SEARCH_PLOT, SEARCH_FRONT]
+    run = compress_run(toy_task.model(), recipe(max_params_ratio=0.25), task=toy_task)
+    model = run.model
+    assert list(run.files()) == [SEARCH_PLOT, SEARCH_FRONT]
+    for name, write in run.files().items():
+        write(tmp_path / name)
     assert (tmp_path / SEARCH_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     front = json.loads((tmp_path / SEARCH_FRONT).read_text())
     assert front["winner"]["params"] == sum(p.numel() for p in model.parameters())
-    assert write_search_report(toy_task.model(), tmp_path / "plain") == []
-    assert not (tmp_path / "plain").exists()
+    # the manifest keeps the search as the stage's record
+    path = slimkit.save(model, tmp_path / "a")
+    stages = json.loads((path / MANIFEST).read_text())["stages"]
+    assert [(s["kind"], s["method"]) for s in stages] == [("nas", "evolution")]
+    assert stages[0]["record"] == front
 
 
 def test_searched_cnn_artifact_round_trip(tmp_path) -> None:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimkit.errors import ModelError
-from slimkit.prune.graph import OUTPUT, ChannelGraph, Group, analyze, output_producers
+from slimkit.prune.graph import OUTPUT, ChannelGraph, ChannelGroup, analyze, output_producers
 
 
 def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
@@ -154,18 +154,18 @@ IMAGE = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
 SEQUENCE = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(0))
 
 
-def group_of(graph: ChannelGraph, module: str, role: str = "out") -> Group:
+def group_of(graph: ChannelGraph, module: str, role: str = "out") -> ChannelGroup:
     for g in graph.groups:
         if any(s.module == module and s.role == role for s in g.sites):
             return g
     raise AssertionError(f"no group holds {module} {role}")
 
 
-def sites(group: Group) -> set[tuple[str, str]]:
+def sites(group: ChannelGroup) -> set[tuple[str, str]]:
     return {(s.module, s.role) for s in group.sites}
 
 
-def free(group: Group) -> list[int]:
+def free(group: ChannelGroup) -> list[int]:
     return [r for r in group.classes if r not in group.blocked]
 
 

@@ -17,8 +17,8 @@ from slimkit.compressed import count_params, module_class
 from slimkit.data import Batch
 from slimkit.errors import ConfigError, DataError
 from slimkit.formats import packing
-from slimkit.layers.codebook import KMeansConv2d, KMeansLinear
 from slimkit.formats.codebook import cluster_sse, kmeans_1d, storage_bytes
+from slimkit.layers.codebook import KMeansConv2d, KMeansLinear
 from slimkit.quant.kmeans import KMeansConfig, finetune_codebooks
 from slimkit.recipe import Recipe, shipped_dir
 from slimkit.tasks.base import Task

@@ -54,7 +54,7 @@ def run_batches(model: nn.Module, data: Sequence[Batch]) -> None:
             call(model, batch)
 
 
-def rows(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+def channel_rows(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """The input as (N, C) rows of features: tokens for a Linear, pixels for a Conv2d."""
     if isinstance(module, nn.Conv2d) and x.dim() == 4:
         return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # (B*H*W, C)
@@ -69,7 +69,7 @@ def input_absmax(
     modules = {name: model.get_submodule(name) for name in names}
 
     def watch(name: str, x: torch.Tensor) -> None:
-        amax = rows(x, modules[name]).abs().amax(dim=0).float()  # (C,)
+        amax = channel_rows(x, modules[name]).abs().amax(dim=0).float()  # (C,)
         stats[name] = torch.maximum(stats[name], amax) if name in stats else amax
 
     with watching(model, names, watch):

@@ -44,13 +44,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimkit.calib.capture import check_finite_input
+from slimkit.calib.capture import Watcher, check_finite_input
+from slimkit.context import Progress
 from slimkit.data import Batch, call
 from slimkit.errors import DataError
 from slimkit.select import set_module
-
-Watcher = Callable[[str, torch.Tensor], None]
-Progress = Callable[[str], None]
 
 
 class _Stop(Exception):

@@ -29,7 +29,7 @@ k-means codebooks; integer-code layers frozen; the stored form unchanged) to mat
 With ``student_width`` and/or ``student_depth`` the model entering the stage is set aside
 and a new, smaller model of the task is trained instead and returned: ``task.student(width,
 depth, student_init, seed)`` (narrower digits networks; a BERT encoder keeping every other
-layer, ...). The student's options are recorded on it (``set_info(student=...)``), so a saved
+layer, ...). The student's options are added to the source (``StageResult.source``), so a saved
 artifact's source names them and loading rebuilds the student's architecture. The teacher is
 as configured (``original``: the model as it entered the recipe). ``alpha: 0`` trains the
 same student on the hard labels alone, the baseline distillation is measured against.
@@ -57,7 +57,6 @@ import enum
 import hashlib
 import json
 import math
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,11 +65,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimkit.atomic import atomic_path
 from slimkit.calib.capture import labelled_batches
 from slimkit.compressed import count_params
 from slimkit.config import Config
-from slimkit.context import Context
+from slimkit.context import Context, StageResult
 from slimkit.data import Batch, call, first_tensor, writable
 from slimkit.distill.losses import (
     attention_loss,
@@ -80,10 +78,11 @@ from slimkit.distill.losses import (
     kd_loss,
 )
 from slimkit.errors import ConfigError, DataError, ModelError, did_you_mean
-from slimkit.model_info import set_info
 from slimkit.registry import register
+from slimkit.train.checkpoint import SafetensorsCheckpoint
 from slimkit.train.finetune import LRSchedule, lr_at, training
-from slimkit.train.optim import Adam
+from slimkit.train.fit import Callback, EarlyStopping, FitResult, fit
+from slimkit.train.optim import adam
 
 ORIGINAL = "original"
 TASK = "task"
@@ -212,20 +211,9 @@ class DistillConfig(Config):
                 self.fail(name, "a number in (0, 1], or null")
 
 
-@dataclasses.dataclass
-class History:
-    """What a distillation run did: per epoch (including those of a resumed run) the mean
-    training loss and the validation loss (empty without validation)."""
-
-    losses: list[float] = dataclasses.field(default_factory=list)
-    val: list[float] = dataclasses.field(default_factory=list)
-    best_epoch: int = 0  # 1-based; 0 when there was no validation
-    stopped_early: bool = False
-    resumed_from: int = 0  # epochs already done in the checkpoint resumed from
-
-    @property
-    def epochs_run(self) -> int:
-        return len(self.losses)
+#: what a distillation run did: per epoch (including those of a resumed run) the mean
+#: training loss and the validation loss (empty without validation)
+History = FitResult
 
 
 # -- checks before any work --------------------------------------------------------------
@@ -466,14 +454,15 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch + 1) % (2**63)
 
 
-@dataclasses.dataclass
-class _State:
-    epoch: int = 0  # epochs done
-    best: float = math.inf
-    bad: int = 0  # epochs since the best
-    stopped: bool = False
-    best_state: dict[str, torch.Tensor] | None = None
-    history: History = dataclasses.field(default_factory=History)
+class Reseed(Callback):
+    """At the start of every epoch the random state (dropout) is seeded by
+    :func:`epoch_seed`."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def epoch_start(self, epoch: int) -> None:
+        torch.manual_seed(epoch_seed(self.seed, epoch))
 
 
 def distill(
@@ -491,7 +480,6 @@ def distill(
         raise DataError("distill: no training batches")
     data = [(writable(x), None if y is None else y.clone()) for x, y in items]
     train_idx, val_idx = split(len(data), config.val_fraction, config.seed)
-    say = report or (lambda _message: None)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
@@ -499,17 +487,11 @@ def distill(
         params = stack.enter_context(training(model))
         torch.manual_seed(config.seed)
         projections = nn.ModuleList([plan.build() for plan in hints])
-        opt = Adam([*params, *projections.parameters()], lr=config.lr)
         s_att = [qk for s_name, _ in config.attention for qk in query_key(s_name)]
         t_att = [qk for _, t_name in config.attention for qk in query_key(t_name)]
         s_feats = stack.enter_context(capturing(model, [h.student for h in hints] + s_att))
         t_feats = stack.enter_context(capturing(teacher, [h.teacher for h in hints] + t_att))
         features = bool(hints or config.attention)  # the teacher's hooks must run each step
-        fingerprint = _fingerprint(model, projections, config, train_idx, val_idx)
-        state = _State()
-        if config.checkpoint is not None:
-            state = _resume(Path(config.checkpoint), model, projections, opt, fingerprint, say)
-
         t_cache: dict[int, torch.Tensor] = {}
 
         def teacher_out(i: int) -> torch.Tensor:
@@ -550,55 +532,54 @@ def distill(
                 loss = loss + config.attention_weight * att
             return loss
 
+        def val_loss() -> float:
+            model.eval()
+            with torch.no_grad():
+                val = sum(float(batch_loss(i, with_hints=False)) for i in val_idx)
+            return val / len(val_idx)
+
+        def order(epoch: int) -> list[int]:
+            gen = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
+            return [train_idx[k] for k in torch.randperm(len(train_idx), generator=gen).tolist()]
+
         updates = config.epochs * len(train_idx)
-        trained = [*params, *projections.parameters()]
-        for epoch in range(state.epoch, config.epochs):
-            if state.stopped:
-                break
-            torch.manual_seed(epoch_seed(config.seed, epoch))
-            order = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
-            model.train()
-            total = 0.0
-            for k in torch.randperm(len(train_idx), generator=order).tolist():
-                opt.lr = lr_at(config.lr, opt.steps, updates, config.lr_schedule)
-                loss = batch_loss(train_idx[k], with_hints=True)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise ModelError(f"distill: the loss became {value} in epoch {epoch + 1}")
-                opt.step(torch.autograd.grad(loss, trained, allow_unused=True))
-                total += value
-            mean = total / len(train_idx)
-            state.history.losses.append(mean)
-            message = f"distill epoch {epoch + 1}/{config.epochs}: loss {mean:.4f}"
-            if val_idx:
-                model.eval()
-                with torch.no_grad():
-                    val = sum(float(batch_loss(i, with_hints=False)) for i in val_idx)
-                val /= len(val_idx)
-                state.history.val.append(val)
-                message += f", val {val:.4f}"
-                if val < state.best:
-                    state.best, state.bad = val, 0
-                    state.best_state = _snapshot(model)
-                    state.history.best_epoch = epoch + 1
-                else:
-                    state.bad += 1
-                    state.stopped = state.bad >= config.patience
-                    state.history.stopped_early = state.stopped and epoch + 1 < config.epochs
-                    if state.history.stopped_early:
-                        message += f"; stopping, no improvement in {state.bad} epochs"
-            state.epoch = epoch + 1
-            say(message)
-            if config.checkpoint is not None:
-                _save(Path(config.checkpoint), model, projections, opt, state, fingerprint)
-        if state.best_state is not None:
-            model.load_state_dict(state.best_state)
+        history = fit(
+            [*params, *projections.parameters()],
+            order,
+            lambda i: batch_loss(i, with_hints=True),
+            epochs=config.epochs,
+            optimizer=adam(config.lr),
+            schedule=lambda step: lr_at(config.lr, step, updates, config.lr_schedule),
+            model=model,
+            early_stopping=EarlyStopping(val_loss, config.patience) if val_idx else None,
+            checkpoint=_checkpoint(config, model, projections, train_idx, val_idx),
+            callbacks=[Reseed(config.seed)],
+            report=report,
+            name="distill",
+        )
     model.eval()
-    return state.history
+    return history
 
 
-def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+def _checkpoint(
+    config: DistillConfig,
+    model: nn.Module,
+    projections: nn.Module,
+    train_idx: list[int],
+    val_idx: list[int],
+) -> SafetensorsCheckpoint | None:
+    """The checkpoint file of ``config`` holding the student and the projections."""
+    if config.checkpoint is None:
+        return None
+    return SafetensorsCheckpoint(
+        Path(config.checkpoint),
+        {"student.": model, "proj.": projections},
+        _fingerprint(model, projections, config, train_idx, val_idx),
+        format=CHECKPOINT_FORMAT,
+        version=CHECKPOINT_VERSION,
+        name="distill",
+        key="distill.kd.checkpoint",
+    )
 
 
 # -- checkpoint ----------------------------------------------------------------------------
@@ -621,121 +602,6 @@ def _fingerprint(
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _save(
-    path: Path,
-    model: nn.Module,
-    projections: nn.Module,
-    opt: Adam,
-    state: _State,
-    fingerprint: str,
-) -> None:
-    """Write the checkpoint atomically: one safetensors file, counters in its metadata."""
-    from safetensors.torch import save_file
-
-    tensors: dict[str, torch.Tensor] = {}
-    for prefix, module in (("student.", model), ("proj.", projections)):
-        for k, v in module.state_dict().items():
-            tensors[prefix + k] = v.detach().clone().contiguous()
-    for j, (m, v) in enumerate(zip(opt.m, opt.v, strict=True)):
-        tensors[f"adam.m.{j}"] = m.detach().clone().contiguous()
-        tensors[f"adam.v.{j}"] = v.detach().clone().contiguous()
-    for k, v in (state.best_state or {}).items():
-        tensors["best." + k] = v.contiguous()
-    h = state.history
-    counters = {
-        "epoch": state.epoch,
-        "steps": opt.steps,
-        "best": state.best if math.isfinite(state.best) else None,
-        "bad": state.bad,
-        "stopped": state.stopped,
-        "has_best": state.best_state is not None,
-        "losses": h.losses,
-        "val": h.val,
-        "best_epoch": h.best_epoch,
-        "stopped_early": h.stopped_early,
-    }
-    metadata = {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": str(CHECKPOINT_VERSION),
-        "fingerprint": fingerprint,
-        "state": json.dumps(counters),
-    }
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-
-
-def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Metadata and tensors of a checkpoint; ConfigError when the file is not one."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            if metadata.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError("no distill checkpoint metadata")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except Exception as e:  # any unreadable file is reported the same way
-        raise ConfigError(
-            f"distill.kd.checkpoint: {str(path)!r} exists but is not a distill checkpoint "
-            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); remove it or "
-            "choose another path"
-        ) from None
-    return metadata, tensors
-
-
-def _resume(
-    path: Path,
-    model: nn.Module,
-    projections: nn.Module,
-    opt: Adam,
-    fingerprint: str,
-    say: Callable[[str], None],
-) -> _State:
-    """The state saved in ``path`` loaded into the model, projections and optimizer; a fresh
-    state when there is no checkpoint or it belongs to another run (with a warning)."""
-    if not path.exists():
-        return _State()
-    metadata, tensors = _read(path)
-    if metadata.get("fingerprint") != fingerprint:
-        message = (
-            f"distill: checkpoint {str(path)!r} is from another run (options, model or data "
-            "differ); starting afresh and overwriting it"
-        )
-        warnings.warn(message, stacklevel=2)
-        say(message)
-        return _State()
-    counters = json.loads(metadata["state"])
-
-    def part(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-    model.load_state_dict(part("student."))
-    projections.load_state_dict(part("proj."))
-    with torch.no_grad():
-        for j, (m, v) in enumerate(zip(opt.m, opt.v, strict=True)):
-            m.copy_(tensors[f"adam.m.{j}"])
-            v.copy_(tensors[f"adam.v.{j}"])
-    opt.steps = int(counters["steps"])
-    best = counters["best"]
-    history = History(
-        losses=list(counters["losses"]),
-        val=list(counters["val"]),
-        best_epoch=int(counters["best_epoch"]),
-        stopped_early=bool(counters["stopped_early"]),
-        resumed_from=int(counters["epoch"]),
-    )
-    state = _State(
-        epoch=int(counters["epoch"]),
-        best=math.inf if best is None else float(best),
-        bad=int(counters["bad"]),
-        stopped=bool(counters["stopped"]),
-        best_state=part("best.") if counters["has_best"] else None,
-        history=history,
-    )
-    say(f"distill: resuming from {str(path)!r} after epoch {state.epoch}")
-    return state
-
-
 # -- the stage ---------------------------------------------------------------------------
 def build_student(config: DistillConfig, ctx: Context) -> nn.Module:
     """``ctx.task.student(...)`` of the configured options; ConfigError without a task."""
@@ -743,14 +609,13 @@ def build_student(config: DistillConfig, ctx: Context) -> nn.Module:
         raise ConfigError(
             f"{config._where('student_width')}: a student is built by the task; none was given"
         )
-    options = config.student_options()
-    student = ctx.task.student(**options)
-    set_info(student, student=options)
-    return student
+    return ctx.task.student(**config.student_options())
 
 
 @register(DistillConfig)
-def apply_distill(model: nn.Module, config: DistillConfig, ctx: Context) -> nn.Module:
+def apply_distill(model: nn.Module, config: DistillConfig, ctx: Context) -> StageResult:
+    """The trained model (the new student, with its options added to the source so that
+    loading rebuilds its architecture); its record holds the losses."""
     if config.has_student:
         model = build_student(config, ctx)
     check_hint_layers(model, config, "student")
@@ -771,4 +636,6 @@ def apply_distill(model: nn.Module, config: DistillConfig, ctx: Context) -> nn.M
     if config.has_student:
         summary += f"; student {config.student_options()} of {count_params(model):,} params"
     ctx.report(summary)
-    return model.eval()
+    source = {"student": config.student_options()} if config.has_student else {}
+    record = {"epochs": history.epochs_run, "best_epoch": history.best_epoch}
+    return StageResult(model.eval(), record=record, source=source)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from slimkit.compressed import CompressedModule, count_params, is_simulated
+from slimkit.context import Progress
 from slimkit.evaluate.latency import time_alternating
 from slimkit.evaluate.macs import count_macs
 from slimkit.evaluate.memory import peak_forward_bytes
@@ -21,8 +22,6 @@ from slimkit.model_info import info
 
 if TYPE_CHECKING:
     from slimkit.tasks.base import Task
-
-ProgressFn = Callable[[str], None]
 
 
 @dataclass
@@ -44,7 +43,7 @@ def evaluate_candidates(
     warmup: int = 2,
     batch: int | None = None,
     threads: int | None = None,
-    progress: ProgressFn | None = None,
+    progress: Progress | None = None,
 ) -> Report:
     """Measure every candidate on ``task``; the first candidate is the report's baseline.
 
@@ -87,7 +86,7 @@ def _single(task: Task, candidate: Candidate, runs: int) -> Result:
     return evaluate_candidates(task, [candidate], runs=runs).results[0]
 
 
-def _measure(task: Task, cand: Candidate, inputs: Any, step: ProgressFn) -> Result:
+def _measure(task: Task, cand: Candidate, inputs: Any, step: Progress) -> Result:
     """Everything but latency (filled in later, when all candidates are timed together)."""
     model = cand.model
     step(f"{cand.name}: task metrics")

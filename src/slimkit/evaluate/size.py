@@ -6,9 +6,7 @@ import os
 from pathlib import Path
 
 from slimkit.errors import ArtifactError
-
-WEIGHTS = "model.safetensors"
-MANIFEST = "slimkit.json"
+from slimkit.io.layout import MANIFEST, WEIGHTS
 
 
 def artifact_size(directory: str | os.PathLike[str]) -> int:

@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from slimkit.calib.capture import rows, run_batches, watching
+from slimkit.calib.capture import channel_rows, run_batches, watching
 from slimkit.compressed import ComposedModule, ConvGeometry, compressed_module, conv_args
 from slimkit.config import StageConfig
 from slimkit.context import Context
@@ -479,7 +479,7 @@ def input_moments(
     moments: dict[str, torch.Tensor] = {}
 
     def watch(name: str, x: torch.Tensor) -> None:
-        r = rows(x, layers[name]).double()
+        r = channel_rows(x, layers[name]).double()
         m = r.T @ r
         moments[name] = moments[name] + m if name in moments else m
 

@@ -56,6 +56,7 @@ class AffineFormat(WeightFormat):
     input_scaling: bool = False
 
     def __post_init__(self) -> None:
+        self._granularity()
         P.qrange(self.bits, self.symmetric)  # validates bits
         grouped = self.granularity is Granularity.PER_GROUP
         if grouped != (self.group_size is not None):
@@ -111,6 +112,8 @@ class AffineFormat(WeightFormat):
             if zero is None:
                 raise ValueError("an asymmetric layer needs zero points")
             out["zero_point"] = zero.reshape(rows)
+        if self.input_scaling:  # stores the codes' own weight; a caller may set it after
+            out["in_scale"] = torch.ones(self.shape[1] if len(self.shape) > 1 else 1)
         return out
 
     def encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -68,6 +68,16 @@ class WeightFormat:
     stream_count: ClassVar[int] = 0
     shape: tuple[int, ...]
 
+    def _granularity(self) -> None:
+        """Turn a granularity given as text into the enum (ValueError for other text)."""
+        value = getattr(self, "granularity", None)
+        if value is not None and not isinstance(value, Granularity):
+            try:
+                object.__setattr__(self, "granularity", Granularity(value))
+            except ValueError:
+                allowed = ", ".join(g.value for g in Granularity)
+                raise ValueError(f"granularity {value!r}; allowed: {allowed}") from None
+
     # -- storage ---------------------------------------------------------------------------
     def layout(self) -> dict[str, Slot | None]:
         """The tensors this format stores, by name; None for a name that is absent in this
@@ -123,8 +133,10 @@ class WeightFormat:
     def check_options(cls, shape: tuple[int, ...], options: dict[str, Any]) -> str | None:
         """What is wrong with ``options`` read from an artifact for a weight of ``shape``,
         or None (types and ranges first, then the arithmetic of the format)."""
+        if "shape" in options:
+            return "unknown key 'shape'"
         rules = {**cls.spec_rules, "shape": lambda _: None}
-        problem = check_spec({**options, "shape": list(shape)}, cls, rules)
+        problem = check_spec({**options, "shape": list(shape)}, cls, rules, cross=False)
         if problem is not None:
             return problem
         try:
@@ -140,11 +152,11 @@ class WeightFormat:
         raise ValueError(f"the {cls.kind} format is not made from a quantization scheme")
 
 
-F = TypeVar("F", bound=type[WeightFormat])
+FormatT = TypeVar("FormatT", bound=type[WeightFormat])
 _FORMATS: dict[str, type[WeightFormat]] = {}
 
 
-def register_format(cls: F) -> F:
+def register_format(cls: FormatT) -> FormatT:
     """Class decorator: make the format known by its ``kind`` (for specs and recipes)."""
     _FORMATS[cls.kind] = cls
     return cls

@@ -58,6 +58,7 @@ class NF4Format(WeightFormat):
     group_size: int | None = 64
 
     def __post_init__(self) -> None:
+        self._granularity()
         grouped = self.granularity is Granularity.PER_GROUP
         if grouped != (self.group_size is not None):
             raise ValueError("group_size is given exactly when granularity is per_group")

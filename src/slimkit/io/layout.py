@@ -10,12 +10,12 @@ import stat
 from pathlib import Path
 
 FORMAT = "slimkit-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "slimkit.json"
 WEIGHTS = "model.safetensors"
 ARTIFACT_FILES = (WEIGHTS, MANIFEST)
 #: the files slimkit writes beside an artifact: ``compress``'s report (report/write.py) and
-#: the architecture search's plot and front (nas/stage.py ``write_search_report``)
+#: the report files stages return (the architecture search's plot and front)
 SIDE_FILES = ("report.json", "report.md", "pareto.png", "search_pareto.png", "search_front.json")
 #: everything an artifact directory may hold: saving replaces such a directory as a whole
 OWN_FILES = ARTIFACT_FILES + SIDE_FILES

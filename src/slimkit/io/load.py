@@ -102,8 +102,15 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     from slimkit.model_info import set_info
 
     source = manifest["source"]
-    student = source.get("student") if "task" in source else None
-    set_info(base, source=source, recipe=manifest.get("recipe"), artifact=str(p), student=student)
+    extra = {"student": source["student"]} if "task" in source and "student" in source else None
+    set_info(
+        base,
+        source=source,
+        recipe=manifest.get("recipe"),
+        artifact=str(p),
+        source_extra=extra,
+        stages=manifest.get("stages", []),
+    )
     return base.eval()
 
 

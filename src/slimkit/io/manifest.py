@@ -42,8 +42,10 @@ TOP_KEYS = {
     "modules",
     "simulated",
     "files",
+    "stages",
 }
-REQUIRED_KEYS = TOP_KEYS  # every version of slimkit wrote them all
+#: the keys each format version wrote, all of them every time
+KEYS_OF_VERSION = {1: TOP_KEYS - {"stages"}, 2: TOP_KEYS}
 #: recipe options added after format 1 was first written: older artifacts lack them
 LATER_OPTIONS = frozenset({"strict", "format"})
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
@@ -192,16 +194,35 @@ def check_manifest(where: Path, manifest: Any) -> None:
             f"{where}: format version {version} is newer than this slimkit reads "
             f"({FORMAT_VERSION}); upgrade slimkit"
         )
-    unknown = sorted(set(manifest) - TOP_KEYS)
+    keys = KEYS_OF_VERSION[version]
+    unknown = sorted(set(manifest) - keys)
     if unknown:
         raise ArtifactError(f"{where}: unknown key {unknown[0][:40]!r}")
-    missing = sorted(REQUIRED_KEYS - set(manifest))
+    missing = sorted(keys - set(manifest))
     if missing:
         raise ArtifactError(f"{where}: key {missing[0]!r} is missing")
     _check_record(where, manifest)
+    if "stages" in manifest:
+        _check_stages(where, manifest["stages"], manifest["recipe"])
     check_source(where, manifest["source"])
     check_modules(where, manifest["modules"])
     _check_files(where, manifest["files"])
+
+
+def _check_stages(where: Path, stages: Any, recipe: Any) -> None:
+    """One ``{kind, method, record}`` entry per recipe stage, in order (none without a
+    recipe); a record is a mapping of what the stage reported."""
+    expected = [] if recipe is None else recipe["stages"]
+    if not isinstance(stages, list) or len(stages) != len(expected):
+        raise ArtifactError(f"{where}: stages must list one entry per recipe stage")
+    for i, (entry, stage) in enumerate(zip(stages, expected, strict=True)):
+        kind, options = next(iter(stage.items()))
+        ok = isinstance(entry, dict) and set(entry) == {"kind", "method", "record"}
+        ok = ok and entry["kind"] == kind and entry["method"] == options.get("method")
+        if not (ok and isinstance(entry["record"], dict)):
+            raise ArtifactError(
+                f"{where}: stages[{i}] must be {{kind, method, record}} of recipe stage {i}"
+            )
 
 
 def _check_record(where: Path, manifest: dict[str, Any]) -> None:

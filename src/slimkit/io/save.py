@@ -360,9 +360,10 @@ def _manifest(model: nn.Module, task: Any, recipe: dict[str, Any] | None) -> dic
     source = _kwargs_source(model)  # a model built from arguments (architecture search)
     if source is None:
         source = task.source() if task is not None else recorded.get("source") or _source_of(model)
-    student = recorded.get("student")  # a task's student architecture (distillation)
-    if isinstance(student, dict) and "task" in source:
-        source = {**source, "student": student}
+    extra = recorded.get("source_extra")  # what stages added (a distilled student's options)
+    if isinstance(extra, dict) and "task" in source:
+        source = {**source, **extra}
+    recipe = _canonical_recipe(recipe if recipe is not None else recorded.get("recipe"))
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -370,10 +371,24 @@ def _manifest(model: nn.Module, task: Any, recipe: dict[str, Any] | None) -> dic
         "torch_version": torch.__version__.split("+")[0],
         "created": _created(),
         "source": source,
-        "recipe": _canonical_recipe(recipe if recipe is not None else recorded.get("recipe")),
+        "recipe": recipe,
         "modules": module_specs(model),
         "simulated": is_simulated(model),
+        "stages": _stage_records(recipe, recorded.get("stages")),
     }
+
+
+def _stage_records(recipe: dict[str, Any] | None, recorded: Any) -> list[dict[str, Any]]:
+    """The stages' records for ``recipe``: those recorded when they match its stages, else
+    empty ones (a model loaded from a format-1 artifact, which kept none)."""
+    if recipe is None:
+        return []
+    names = [
+        (kind, options["method"]) for stage in recipe["stages"] for kind, options in stage.items()
+    ]
+    if isinstance(recorded, list) and [(r.get("kind"), r.get("method")) for r in recorded] == names:
+        return recorded
+    return [{"kind": kind, "method": method, "record": {}} for kind, method in names]
 
 
 def _canonical_recipe(recipe: Any) -> dict[str, Any] | None:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from slimkit.io.layout import OWN_FILES
 
-KINDS = ("stage", "old", "baseline")
+SCRATCH_KINDS = ("stage", "old", "baseline")
 STALE_AFTER = 60.0
 _REST = re.compile(r"(?P<kind>stage|old|baseline)\.(?P<pid>[1-9][0-9]*)\.[0-9a-f]{8}")
 _NAME = re.compile(r"\.(?P<name>.+)\.slimkit-stage\.[1-9][0-9]*\.[0-9a-f]{8}")
@@ -43,7 +43,7 @@ _LEGACY = re.compile(r"[a-z0-9_]{8}\.tmp")
 
 def scratch_name(target: Path, kind: str, pid: int | None = None) -> str:
     """A fresh name for a ``kind`` scratch directory of ``target`` (see the module doc)."""
-    if kind not in KINDS:
+    if kind not in SCRATCH_KINDS:
         raise ValueError(f"unknown scratch kind {kind!r}")
     return f".{target.name}.slimkit-{kind}.{pid or os.getpid()}.{secrets.token_hex(4)}"
 

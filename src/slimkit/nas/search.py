@@ -44,6 +44,8 @@ from slimkit.compressed import count_params
 from slimkit.data import Batch, call
 from slimkit.errors import ConfigError
 from slimkit.tasks.searched import Genome, SearchSpace, build
+from slimkit.train.fit import fit, minibatches
+from slimkit.train.optim import torch_optimizer
 
 Progress = Callable[[str], None]
 LOG_VERSION = 1
@@ -182,20 +184,22 @@ def train_model(
     (peak ``lr``) as the digits tasks train their models, minibatches shuffled by a generator
     seeded ``seed``; returns ``model`` in eval mode."""
     steps = max(1, epochs * -(-len(x) // batch_size))
-    order = torch.Generator().manual_seed(seed)
-    with torch.inference_mode(False), torch.enable_grad():
-        model.train()
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-        for _ in range(epochs):
-            perm = torch.randperm(len(x), generator=order)
-            for i in range(0, len(x), batch_size):
-                idx = perm[i : i + batch_size]
-                loss = F.cross_entropy(model(x[idx]), y[idx], label_smoothing=0.1)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+
+    def loss(idx: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x[idx]), y[idx], label_smoothing=0.1)
+
+    fit(
+        list(model.parameters()),
+        minibatches(len(x), batch_size, torch.Generator().manual_seed(seed)),
+        loss,
+        epochs=epochs,
+        optimizer=torch_optimizer(
+            lambda ps: torch.optim.Adam(ps, lr=lr),
+            lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps),
+        ),
+        model=model,
+        check_finite=False,
+    )
     return model.eval()
 
 

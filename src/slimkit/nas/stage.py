@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
+from slimkit.atomic import write_text
 from slimkit.compressed import count_params
 from slimkit.config import Config
-from slimkit.context import Context, Progress
+from slimkit.context import Context, Progress, StageResult
 from slimkit.errors import ConfigError, DataError
 from slimkit.evaluate.macs import count_macs
-from slimkit.model_info import set_info
 from slimkit.nas.search import Limits, SearchResult, Settings, search
 from slimkit.registry import register
 
@@ -186,35 +185,26 @@ def summary(result: SearchResult) -> str:
     )
 
 
-@register(NasConfig)
-def apply(model: nn.Module, config: NasConfig, ctx: Context) -> nn.Module:
-    result = run_search(model, config, ctx.task, ctx.report)
-    ctx.report(summary(result))
-    searched = result.model
-    baseline_cost = _cost(model, ctx.task.example_inputs(), result) if ctx.task else None
-    # the whole search (trials included) for whoever writes the report: search_pareto.png
-    set_info(searched, nas=result.to_json(), nas_search=(result, baseline_cost))
-    return searched
-
-
 SEARCH_PLOT = "search_pareto.png"
 SEARCH_FRONT = "search_front.json"
 
 
-def write_search_report(model: nn.Module, out: str | os.PathLike[str]) -> list[Path]:
-    """When ``model`` came out of a ``nas`` stage: its search's Pareto plot (every trial,
-    the front, the winner, the limit) and front as ``out/search_pareto.png`` and
-    ``out/search_front.json``; nothing otherwise. Returns the paths written."""
-    from slimkit.atomic import write_text
-    from slimkit.model_info import info
-    from slimkit.nas.plot import plot_trials
+@register(NasConfig)
+def apply(model: nn.Module, config: NasConfig, ctx: Context) -> StageResult:
+    """The searched model; its record is the whole search (trials, front, winner), and its
+    report files the search's Pareto plot (every trial, the front, the winner, the limit)
+    and front."""
+    result = run_search(model, config, ctx.task, ctx.report)
+    ctx.report(summary(result))
+    baseline_cost = _cost(model, ctx.task.example_inputs(), result) if ctx.task else None
+    record = result.to_json()
 
-    found = info(model).get("nas_search")
-    if found is None:
-        return []
-    result, baseline_cost = found
-    out = Path(out)
-    plot = plot_trials(result, out / SEARCH_PLOT, baseline_cost=baseline_cost)
-    front = out / SEARCH_FRONT
-    write_text(front, json.dumps(result.to_json(), indent=2) + "\n")
-    return [plot, front]
+    def plot(path: Path) -> None:
+        from slimkit.nas.plot import plot_trials
+
+        plot_trials(result, path, baseline_cost=baseline_cost)
+
+    def front(path: Path) -> None:
+        write_text(path, json.dumps(record, indent=2) + "\n")
+
+    return StageResult(result.model, record=record, files={SEARCH_PLOT: plot, SEARCH_FRONT: front})

@@ -10,7 +10,7 @@ concatenated; ``flatten`` of (C, H, W) into a Linear: each channel repeated ``H*
 cut them (``chunk``). Union-find over atoms yields *classes*: a class is one channel, removed
 everywhere at once. The places that hold a class physically are *sites*: a layer's output
 rows (``out``), a layer's input columns (``in``), a norm's entries (``norm``), a depthwise
-conv's channels (``depthwise``). Classes linked through a site form a ``Group``.
+conv's channels (``depthwise``). Classes linked through a site form a ``ChannelGroup``.
 
 A class is *blocked* (never removed) when it reaches a model output, an op or a leaf module the
 analysis does not know (GRU, LSTM, MultiheadAttention, ...: with a warning), a ``split`` or a
@@ -70,7 +70,7 @@ class Site:
 
 
 @dataclasses.dataclass
-class Group:
+class ChannelGroup:
     """Classes linked through sites; ``blocked`` maps a class that must stay to why."""
 
     classes: list[int]
@@ -80,7 +80,7 @@ class Group:
 
 @dataclasses.dataclass
 class ChannelGraph:
-    groups: list[Group]
+    groups: list[ChannelGroup]
     warnings: list[str]
 
 
@@ -196,7 +196,7 @@ def propagate_shapes(gm: fx.GraphModule, example: Batch) -> None:
 
 
 # -- analysis ---------------------------------------------------------------------------
-Handler = Callable[["_Analysis", fx.Node], Value]
+OpRule = Callable[["_Analysis", fx.Node], Value]
 
 
 class _Analysis:
@@ -274,7 +274,7 @@ class _Analysis:
                 what = f"module {node.target!r} ({type(module).__name__})"
                 return self.unknown(node, what)
             return handler(self, node)
-        table: dict[Any, Handler] = _METHODS if node.op == "call_method" else _FUNCTIONS
+        table: dict[Any, OpRule] = _METHODS if node.op == "call_method" else _FUNCTIONS
         found = table.get(node.target)
         if found is None:
             return self.unknown(node, f"op {getattr(node.target, '__name__', node.target)}")
@@ -292,10 +292,10 @@ class _Analysis:
         for s in sites:
             for r in s.roots[1:]:
                 linked.union(s.roots[0], r)
-        groups: dict[int, Group] = {}
+        groups: dict[int, ChannelGroup] = {}
         for s in sites:
             if s.roots:
-                g = groups.setdefault(linked.find(s.roots[0]), Group([], [], {}))
+                g = groups.setdefault(linked.find(s.roots[0]), ChannelGroup([], [], {}))
                 g.sites.append(s)
         for g in groups.values():
             g.classes = list(dict.fromkeys(r for s in g.sites for r in s.roots))
@@ -651,7 +651,7 @@ _UNARY_MODULES = (
     nn.LeakyReLU, nn.ELU, nn.Mish, nn.Dropout, nn.Dropout2d, nn.Identity,
 )  # fmt: skip
 _SPATIAL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-_MODULES: dict[type, Handler] = {
+_MODULES: dict[type, OpRule] = {
     nn.Conv2d: _conv,
     nn.Linear: _linear,
     nn.BatchNorm2d: _batchnorm,
@@ -675,7 +675,7 @@ _BINARY_FUNCTIONS = (
 _SPATIAL_FUNCTIONS = (
     F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate,
 )  # fmt: skip
-_FUNCTIONS: dict[Any, Handler] = {
+_FUNCTIONS: dict[Any, OpRule] = {
     **dict.fromkeys(_UNARY_FUNCTIONS, _same),
     **dict.fromkeys(_BINARY_FUNCTIONS, _binary),
     **dict.fromkeys(_SPATIAL_FUNCTIONS, _spatial),
@@ -697,7 +697,7 @@ _FUNCTIONS: dict[Any, Handler] = {
     F.log_softmax: _softmax,
     torch.softmax: _softmax,
 }
-_METHODS: dict[Any, Handler] = {
+_METHODS: dict[Any, OpRule] = {
     **dict.fromkeys(
         ("relu", "relu_", "sigmoid", "tanh", "abs", "neg", "contiguous", "clone", "detach"),
         _same,

@@ -29,7 +29,14 @@ from slimkit.config import StageConfig
 from slimkit.context import Context
 from slimkit.data import Batch
 from slimkit.errors import ConfigError
-from slimkit.prune.graph import ChannelGraph, Group, Site, analyze, even_split, output_producers
+from slimkit.prune.graph import (
+    ChannelGraph,
+    ChannelGroup,
+    Site,
+    analyze,
+    even_split,
+    output_producers,
+)
 from slimkit.prune.importance import Criterion, Unit, importance
 from slimkit.registry import register
 from slimkit.select import matches, set_module
@@ -65,7 +72,7 @@ class StructuredConfig(StageConfig):
 
 
 # -- selection ---------------------------------------------------------------------------
-def class_scores(group: Group, scores: dict[str, torch.Tensor]) -> dict[int, float]:
+def class_scores(group: ChannelGroup, scores: dict[str, torch.Tensor]) -> dict[int, float]:
     """Per class, the sum over the group's producers of their mean-normalised scores."""
     total = dict.fromkeys(group.classes, 0.0)
     for s in group.sites:
@@ -84,7 +91,7 @@ def _lowest(classes: list[int], score: dict[int, float], k: int) -> list[int]:
 
 
 def removed_classes(
-    group: Group, score: dict[int, float], config: StructuredConfig
+    group: ChannelGroup, score: dict[int, float], config: StructuredConfig
 ) -> tuple[set[int], str | None]:
     """The classes to remove, and a warning when the group must stay whole.
 
@@ -123,14 +130,14 @@ def _group_of(site: Site, root: int) -> int:
     return found.pop() if len(found) == 1 else -1 - len(found)
 
 
-def prunable(group: Group, selected: set[str]) -> bool:
+def prunable(group: ChannelGroup, selected: set[str]) -> bool:
     """Whether the group has a free class and every Conv2d/Linear holding it is selected."""
     layers = [s.module for s in group.sites if s.role in ("out", "in", "depthwise")]
     free = any(r not in group.blocked for r in group.classes)
     return free and all(m in selected for m in layers)
 
 
-def plan_group(group: Group, removed: set[int]) -> Plan:
+def plan_group(group: ChannelGroup, removed: set[int]) -> Plan:
     plan: Plan = {}
     for s in group.sites:
         keep = [i for i, r in enumerate(s.roots) if r not in removed]

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimkit.calib.capture import rows
+from slimkit.calib.capture import channel_rows
 from slimkit.calib.sequential import Group, PerInput, geometry, input_rows, quantize_sequential
 from slimkit.context import Context
 from slimkit.formats import primitives as P
@@ -234,7 +234,7 @@ class Activations:
         module = self.modules[name]
 
         def collect() -> tuple[torch.Tensor, int, torch.Tensor]:
-            channels = rows(x, module).float()  # (N, C)
+            channels = channel_rows(x, module).float()  # (N, C)
             patches = input_rows(module, x)  # (M, K)
             keep = torch.randperm(patches.shape[0], generator=self._gen)[: self.per_batch]
             return channels.abs().sum(dim=0), channels.shape[0], patches[keep].clone()

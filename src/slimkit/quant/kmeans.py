@@ -24,13 +24,11 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from slimkit.calib.capture import TrainBatch, labelled_batches
 from slimkit.config import StageConfig
 from slimkit.context import Context
-from slimkit.data import call, first_tensor
 from slimkit.errors import ConfigError
 from slimkit.formats.codebook import MAX_BITS, MIN_BITS
 from slimkit.layers.codebook import (
@@ -42,7 +40,9 @@ from slimkit.layers.codebook import (
 from slimkit.layers.sparse import SparseConv2d, SparseLinear
 from slimkit.registry import register
 from slimkit.select import swap_modules
-from slimkit.train.optim import Adam
+from slimkit.train.finetune import cross_entropy
+from slimkit.train.fit import fit
+from slimkit.train.optim import adam
 
 
 # -- codebook fine-tuning ---------------------------------------------------------------------
@@ -75,21 +75,21 @@ def finetune_codebooks(
     on any tensor.
     """
     model.eval()
-    losses: list[float] = []
     with _frozen(model), trainable_codebooks(layers) as codebooks, torch.enable_grad():
-        opt = Adam(codebooks, lr=lr)
-        for epoch in range(epochs):
-            total = 0.0
-            for inputs, labels in batches:
-                logits = first_tensor(call(model, inputs))  # (B, C)
-                loss = F.cross_entropy(logits, labels)
-                opt.step(torch.autograd.grad(loss, codebooks, allow_unused=True))
-                total += float(loss.detach())
-            losses.append(total / len(batches))
-            if progress is not None:
-                progress(f"codebook fine-tuning epoch {epoch + 1}/{epochs}: loss {losses[-1]:.4f}")
+        result = fit(
+            codebooks,
+            batches,
+            cross_entropy(model),
+            epochs=epochs,
+            optimizer=adam(lr),
+            model=model,
+            train_mode=False,
+            report=progress,
+            name="codebook fine-tuning",
+            check_finite=False,
+        )
     model.eval()
-    return losses
+    return result.losses
 
 
 # -- config and handler -----------------------------------------------------------------------

@@ -41,7 +41,7 @@ from slimkit.calib.sequential import (
     token_mask,
 )
 from slimkit.config import Config
-from slimkit.context import Context
+from slimkit.context import Context, StageResult, model_of
 from slimkit.data import Batch, call, first_tensor
 from slimkit.errors import ConfigError, ModelError
 from slimkit.formats.primitives import fake_quantize
@@ -384,13 +384,13 @@ def distinct_layers(model: nn.Module, names: Sequence[str]) -> dict[str, list[st
 
 
 @register(MixedConfig, types=tuple(WEIGHT_SWAPS))
-def apply_mixed(model: nn.Module, config: MixedConfig, ctx: Context) -> nn.Module:
+def apply_mixed(model: nn.Module, config: MixedConfig, ctx: Context) -> StageResult:
     config.check(model, ctx.names)
     stages = stage_configs(config, config.widths)
     data = ctx.need_data("mixed")
     aliases = distinct_layers(model, ctx.names)
     if not aliases:
-        return model
+        return StageResult(model)
     layers = {name: model.get_submodule(name) for name in aliases}
     ctx.report(f"mixed: measuring the sensitivity of {len(layers)} layers")
     with torch.no_grad(), eval_mode(model):
@@ -403,5 +403,5 @@ def apply_mixed(model: nn.Module, config: MixedConfig, ctx: Context) -> nn.Modul
         subset = [alias for name in layers if chosen[name] == b for alias in aliases[name]]
         ctx.report(f"mixed: {b} bits: {', '.join(subset)}")
         sub = Context(names=subset, data=data, task=ctx.task, progress=ctx.progress)
-        model = registry.handler_for(stages[b])(model, stages[b], sub)
-    return model
+        model = model_of(registry.handler_for(stages[b])(model, stages[b], sub))
+    return StageResult(model, record={"mean_bits": mean, "bits": chosen})

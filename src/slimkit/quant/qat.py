@@ -30,13 +30,16 @@ from torch import nn
 
 from slimkit.config import StageConfig
 from slimkit.context import Context
-from slimkit.data import Batch, call, check_batch, first_tensor, writable
-from slimkit.errors import DataError, ModelError
+from slimkit.data import Batch, check_batch, writable
+from slimkit.errors import DataError
 from slimkit.formats import primitives as P
 from slimkit.quant.common import MAX_BITS, MIN_BITS, check_convertible, empty_twin
 from slimkit.quant.static import static_twin
 from slimkit.registry import register
 from slimkit.select import swap_modules
+from slimkit.train.finetune import cross_entropy
+from slimkit.train.fit import fit, shuffled
+from slimkit.train.optim import torch_optimizer
 
 WEIGHT_MODES = ("affine", "ternary")
 _MIN_STEP = 1e-8  # steps are clamped here: a step trained to <= 0 would divide by zero
@@ -287,29 +290,21 @@ def train(
     """Adam with cosine decay on cross-entropy over ``data`` (in a fixed shuffled order);
     returns the mean loss of the last epoch. Leaves the model in eval mode."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(data))
-    order = torch.Generator().manual_seed(0)
-    epoch_loss = math.nan
-    model.train()
-    for epoch in range(epochs):
-        total = 0.0
-        for i in torch.randperm(len(data), generator=order).tolist():
-            inputs, labels = data[i]
-            logits = first_tensor(call(model, inputs))  # (B, classes)
-            loss = F.cross_entropy(logits, labels)
-            if not bool(torch.isfinite(loss)):
-                raise ModelError(f"qat: the loss became {float(loss)} in epoch {epoch + 1}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach())
-        epoch_loss = total / len(data)
-        if report is not None:
-            report(f"qat epoch {epoch + 1}/{epochs}: loss {epoch_loss:.4f}")
-    model.eval()
-    return epoch_loss
+    steps = epochs * len(data)
+    result = fit(
+        params,
+        shuffled(data, torch.Generator().manual_seed(0)),
+        cross_entropy(model),
+        epochs=epochs,
+        optimizer=torch_optimizer(
+            lambda ps: torch.optim.Adam(ps, lr=lr),
+            lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps),
+        ),
+        model=model,
+        report=report,
+        name="qat",
+    )
+    return result.losses[-1] if result.losses else math.nan
 
 
 def wrap_layers(model: nn.Module, names: list[str], config: QATConfig) -> None:

@@ -24,6 +24,8 @@ from slimkit.constructible import register_constructible
 from slimkit.data import Batch, call, first_tensor
 from slimkit.errors import ConfigError
 from slimkit.tasks.base import Task, check_student
+from slimkit.train.fit import fit, minibatches
+from slimkit.train.optim import torch_optimizer
 
 # Bump whenever the data, the architectures or the training change: it is part of the cache key.
 RECIPE_VERSION = 1
@@ -290,21 +292,25 @@ class DigitsTask(Task):
         with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
             torch.manual_seed(SEED)
             model = self.arch().train()
-            opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=1e-4)
-            sched = torch.optim.lr_scheduler.OneCycleLR(
-                opt, max_lr=self.lr, total_steps=self.epochs * steps_per_epoch
+
+            def loss(idx: torch.Tensor) -> torch.Tensor:
+                logits = model(x_train[idx])  # (B, 10)
+                return F.cross_entropy(logits, y_train[idx], label_smoothing=0.1)
+
+            fit(
+                list(model.parameters()),
+                minibatches(len(x_train), TRAIN_BATCH, torch.Generator().manual_seed(SEED)),
+                loss,
+                epochs=self.epochs,
+                optimizer=torch_optimizer(
+                    lambda ps: torch.optim.AdamW(ps, lr=self.lr, weight_decay=1e-4),
+                    lambda opt: torch.optim.lr_scheduler.OneCycleLR(
+                        opt, max_lr=self.lr, total_steps=self.epochs * steps_per_epoch
+                    ),
+                ),
+                model=model,
+                check_finite=False,
             )
-            order = torch.Generator().manual_seed(SEED)
-            for _ in range(self.epochs):
-                perm = torch.randperm(len(x_train), generator=order)
-                for i in range(0, len(x_train), TRAIN_BATCH):
-                    idx = perm[i : i + TRAIN_BATCH]
-                    logits = model(x_train[idx])  # (B, 10)
-                    loss = F.cross_entropy(logits, y_train[idx], label_smoothing=0.1)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

@@ -1,1 +1,2 @@
-"""Training stages that run after any technique: supervised fine-tuning."""
+"""Training: the one loop every trainer runs (``fit``), its optimizers and checkpoint, and the
+supervised fine-tuning stage that runs after any technique."""

@@ -38,11 +38,11 @@ from slimkit.compressed import CompressedModule
 from slimkit.config import Config
 from slimkit.context import Context
 from slimkit.data import call, first_tensor, writable
-from slimkit.errors import ModelError
 from slimkit.layers.codebook import KMeansWeight, trainable_codebooks
 from slimkit.layers.sparse import SparseConv2d, SparseLinear, trainable_values
 from slimkit.registry import register
-from slimkit.train.optim import Adam, only_grad
+from slimkit.train.fit import Callback, fit, shuffled
+from slimkit.train.optim import adam, only_grad
 
 #: compressed layers whose stored float weights can be trained in place
 SPARSE_LAYERS = (SparseLinear, SparseConv2d)
@@ -158,6 +158,31 @@ def training(model: nn.Module) -> Iterator[list[nn.Parameter]]:
 
 
 # -- the loop ----------------------------------------------------------------------------
+def cross_entropy(model: nn.Module) -> Callable[[TrainBatch], torch.Tensor]:
+    """The loss of a batch of (inputs, class labels): the cross-entropy of ``model``'s first
+    output tensor."""
+
+    def loss(batch: TrainBatch) -> torch.Tensor:
+        inputs, labels = batch
+        logits = first_tensor(call(model, inputs))  # (B, classes)
+        return F.cross_entropy(logits, labels)
+
+    return loss
+
+
+class KeepMasks(Callback):
+    """After every update each weight is multiplied by its keep-mask (masked-out entries
+    stay exactly zero)."""
+
+    def __init__(self, masks: WeightMasks) -> None:
+        self.masks = masks
+
+    @torch.no_grad()
+    def step_end(self, steps: int, loss: float) -> None:
+        for weight, keep in self.masks:
+            weight.mul_(keep)
+
+
 def finetune(
     model: nn.Module,
     batches: Sequence[TrainBatch],
@@ -174,46 +199,30 @@ def finetune(
 
     After every update each weight of ``masks`` is multiplied by its keep-mask, so its
     masked-out entries stay exactly zero. No ``.grad`` is left on any tensor; the model is
-    left in eval mode. ModelError when the loss becomes NaN or Inf."""
+    left in eval mode. ModelError when the loss becomes NaN or Inf (before that update)."""
     data = [(writable(x), y.clone()) for x, y in batches]
     order = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
+    updates = epochs * len(data)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         stack.enter_context(torch.random.fork_rng(devices=[]))
         params = stack.enter_context(training(model))
         torch.manual_seed(seed)
-        opt = Adam(params, lr=lr)
-        model.train()
-        updates = epochs * len(data)
-        for epoch in range(epochs):
-            total = 0.0
-            for i in torch.randperm(len(data), generator=order).tolist():
-                opt.lr = lr_at(lr, opt.steps, updates, lr_schedule)
-                loss = _step(model, data[i], params, opt, masks)
-                if not math.isfinite(loss):
-                    raise ModelError(f"finetune: the loss became {loss} in epoch {epoch + 1}")
-                total += loss
-            losses.append(total / len(data))
-            if report is not None:
-                report(f"finetune epoch {epoch + 1}/{epochs}: loss {losses[-1]:.4f}")
+        result = fit(
+            params,
+            shuffled(data, order),
+            cross_entropy(model),
+            epochs=epochs,
+            optimizer=adam(lr),
+            schedule=lambda step: lr_at(lr, step, updates, lr_schedule),
+            model=model,
+            callbacks=[KeepMasks(masks)] if masks else (),
+            report=report,
+            name="finetune",
+        )
     model.eval()
-    return losses
-
-
-def _step(
-    model: nn.Module, batch: TrainBatch, params: list[nn.Parameter], opt: Adam, masks: WeightMasks
-) -> float:
-    """One Adam update on ``batch``; returns its loss."""
-    inputs, labels = batch
-    logits = first_tensor(call(model, inputs))  # (B, classes)
-    loss = F.cross_entropy(logits, labels)
-    opt.step(torch.autograd.grad(loss, params, allow_unused=True))
-    with torch.no_grad():
-        for weight, keep in masks:
-            weight.mul_(keep)
-    return float(loss.detach())
+    return result.losses
 
 
 @register(FinetuneConfig)
