@@ -89,17 +89,17 @@ def test_kernels_handle_3d_input_and_bias(kernel: str) -> None:
 
 def test_resolve_rejects_unknown_kernel_and_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="allowed: auto"):
-        kernels.resolve_kernel("cublas")
+        kernels.int8_kernel("cublas")
     monkeypatch.setenv("SLIMKIT_INT8_KERNEL", "reference")
-    assert kernels.resolve_kernel("auto") == "reference"
+    assert kernels.int8_kernel("auto") == "reference"
 
 
 def test_auto_prefers_int_mm_only_with_int8_dot(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SLIMKIT_INT8_KERNEL", raising=False)
     monkeypatch.setattr(kernels, "has_int8_dot", lambda: True)
-    assert kernels.resolve_kernel("auto") == "int_mm"
+    assert kernels.int8_kernel("auto") == "int_mm"
     monkeypatch.setattr(kernels, "has_int8_dot", lambda: False)
-    assert kernels.resolve_kernel("auto") in ("fbgemm", "reference")
+    assert kernels.int8_kernel("auto") in ("fbgemm", "reference")
 
 
 def test_smoothing_is_exact_before_rounding() -> None:

@@ -41,13 +41,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimkit.compressed import count_params
+from slimkit.context import Progress
 from slimkit.data import Batch, call
 from slimkit.errors import ConfigError
 from slimkit.tasks.searched import Genome, SearchSpace, build
 from slimkit.train.fit import fit, minibatches
 from slimkit.train.optim import torch_optimizer
 
-Progress = Callable[[str], None]
 LOG_VERSION = 1
 
 

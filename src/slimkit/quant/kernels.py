@@ -47,7 +47,7 @@ def has_int8_dot() -> bool:
     return bool(cpu_flags() & set(_INT8_FLAGS))
 
 
-def resolve_kernel(kernel: str = "auto") -> str:
+def int8_kernel(kernel: str = "auto") -> str:
     """The kernel to run: the environment override, else ``kernel``, ``auto`` resolved."""
     kernel = os.environ.get("SLIMKIT_INT8_KERNEL", kernel)
     if kernel not in KERNELS:
@@ -77,7 +77,7 @@ class Int8Weight:
 
 def prepare(codes: torch.Tensor, scale: torch.Tensor, kernel: str = "auto") -> Int8Weight:
     """Prepare int8 ``codes`` (N, K) with per-channel ``scale`` (N, 1) for ``kernel``."""
-    name = resolve_kernel(kernel)
+    name = int8_kernel(kernel)
     row_scale = scale.reshape(1, -1).float()  # (1, N)
     if name != "fbgemm":
         return Int8Weight(name, codes, row_scale)

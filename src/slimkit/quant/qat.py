@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimkit.calib.capture import TrainBatch
 from slimkit.config import StageConfig
 from slimkit.context import Context
-from slimkit.data import Batch, check_batch, writable
+from slimkit.data import check_batch, writable
 from slimkit.errors import DataError
 from slimkit.formats import primitives as P
 from slimkit.quant.common import MAX_BITS, MIN_BITS, check_convertible, empty_twin
@@ -43,7 +44,6 @@ from slimkit.train.optim import torch_optimizer
 
 WEIGHT_MODES = ("affine", "ternary")
 _MIN_STEP = 1e-8  # steps are clamped here: a step trained to <= 0 would divide by zero
-TrainBatch = tuple[Batch, torch.Tensor]
 
 
 # -- straight-through pieces ---------------------------------------------------------------

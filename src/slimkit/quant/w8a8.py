@@ -88,7 +88,7 @@ class DynamicQuantLinear(CompressedModule):
 
     def _weight(self) -> kernels.Int8Weight:
         """The kernel's form of the weight, rebuilt when the buffers change."""
-        key = (self.qweight._version, self.scale._version, kernels.resolve_kernel(self.kernel))
+        key = (self.qweight._version, self.scale._version, kernels.int8_kernel(self.kernel))
         if self._prepared is None or self._prepared[0] != key:
             self._prepared = (key, kernels.prepare(self.qweight, self.scale, key[2]))
         return self._prepared[1]
@@ -113,7 +113,7 @@ class DynamicQuantLinear(CompressedModule):
         smooth = ", SmoothQuant" if self.smooth is not None else ""
         return (
             f"int8 per-channel weights x int8 per-token dynamic activations{smooth}, "
-            f"{KERNEL_NOTES[kernels.resolve_kernel(self.kernel)]}"
+            f"{KERNEL_NOTES[kernels.int8_kernel(self.kernel)]}"
         )
 
     def __getstate__(self) -> dict[str, Any]:

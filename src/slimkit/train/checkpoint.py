@@ -22,7 +22,7 @@ from torch import nn
 
 from slimkit.atomic import atomic_path
 from slimkit.errors import ConfigError
-from slimkit.train.fit import FitResult, LoopState, Report
+from slimkit.train.fit import FitResult, LoopState, Progress
 from slimkit.train.optim import Optimizer, Stateful
 
 
@@ -60,7 +60,7 @@ class SafetensorsCheckpoint:
         with atomic_path(self.path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
 
-    def load(self, optimizer: Optimizer, report: Report) -> LoopState | None:
+    def load(self, optimizer: Optimizer, report: Progress) -> LoopState | None:
         """The saved state loaded into the modules and ``optimizer``; None when there is no
         file or it belongs to another run (with a warning)."""
         opt = _stateful(optimizer, self.name)

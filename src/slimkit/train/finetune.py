@@ -52,7 +52,7 @@ TRAINABLE_STORAGE = (*SPARSE_LAYERS, KMeansWeight)
 WeightMasks = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
-class Optimizer(str, enum.Enum):
+class OptimizerName(str, enum.Enum):
     ADAM = "adam"
 
 
@@ -81,7 +81,7 @@ class FinetuneConfig(Config):
 
     epochs: int = 3
     lr: float = 1e-4
-    optimizer: Optimizer = Optimizer.ADAM
+    optimizer: OptimizerName = OptimizerName.ADAM
     lr_schedule: LRSchedule = LRSchedule.CONSTANT
     batch_limit: int | None = None
     seed: int = 0

@@ -31,11 +31,11 @@ from typing import Generic, Protocol, TypeVar
 import torch
 from torch import nn
 
+from slimkit.context import Progress
 from slimkit.errors import ModelError
 from slimkit.train.optim import Optimizer, OptimizerFactory
 
 B = TypeVar("B")
-Report = Callable[[str], None]
 
 
 @dataclasses.dataclass
@@ -102,7 +102,7 @@ class EarlyStopping:
 class Checkpoint(Protocol):
     """Where :func:`fit` saves its state after every epoch, and resumes from."""
 
-    def load(self, optimizer: Optimizer, report: Report) -> LoopState | None:
+    def load(self, optimizer: Optimizer, report: Progress) -> LoopState | None:
         """The saved state, its tensors loaded into the modules and ``optimizer``; None to
         start afresh. ValueError when ``optimizer`` has no state to save (``Stateful``)."""
         ...
@@ -161,7 +161,7 @@ class _Loop(Generic[B]):
     early_stopping: EarlyStopping | None
     checkpoint: Checkpoint | None
     callbacks: Sequence[Callback]
-    say: Report
+    say: Progress
     name: str
     check_finite: bool
 
@@ -232,7 +232,7 @@ def fit(
     early_stopping: EarlyStopping | None = None,
     checkpoint: Checkpoint | None = None,
     callbacks: Sequence[Callback] = (),
-    report: Report | None = None,
+    report: Progress | None = None,
     name: str = "fit",
     check_finite: bool = True,
 ) -> FitResult:
