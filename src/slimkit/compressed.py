@@ -40,6 +40,19 @@ class Stream:
     n_weights: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamKind:
+    """What a layer's integer stream is, without its symbols (see ``Stream``)."""
+
+    name: str
+    bits: int = 8
+    bitmask: bool = False
+    n_weights: int = 0
+
+    def of(self, symbols: torch.Tensor) -> Stream:
+        return Stream(self.name, symbols, self.bits, self.bitmask, self.n_weights)
+
+
 class CompressedModule(nn.Module):
     """Base of modules that hold a compressed form of a layer."""
 
@@ -75,6 +88,10 @@ class CompressedModule(nn.Module):
     def stream_count(cls, spec: dict[str, Any]) -> int:
         """How many integer streams a layer of this (checked) spec holds."""
         return 0
+
+    def stream_kinds(self) -> list[StreamKind]:
+        """What ``streams`` returns, without computing the symbols."""
+        raise NotImplementedError(f"{type(self).__name__} holds no integer streams")
 
     def streams(self) -> list[Stream]:
         """The integer streams an entropy coder may store instead (``has_streams``)."""

@@ -43,12 +43,6 @@ def _symbols(layer: CompressedModule) -> Streams:
     return [s.symbols for s in layer.streams()]
 
 
-def _mask_index(layer: CompressedModule) -> int | None:
-    """Which stream of ``layer``, if any, is a packed bitmask of its weight."""
-    found = [i for i, s in enumerate(layer.streams()) if s.bitmask]
-    return found[0] if found else None
-
-
 # -- payload layout -----------------------------------------------------------------------
 def stream_layout(coded: huffman.Coded) -> dict[str, int]:
     """The sizes that locate one coded stream in a payload."""
@@ -157,7 +151,7 @@ class HuffmanCoded(CompressedModule):
         if floats is not None and floats not in FLOATS:
             raise ValueError(f"floats {floats!r}; allowed: {', '.join(FLOATS)}")
         self.inner = cls.from_spec(inner_spec)
-        held = self.inner.streams()
+        held = self.inner.stream_kinds()
         self.stream_names = [s.name for s in held]
         self.mask = next((i for i, s in enumerate(held) if s.bitmask), None)
         self.n_weights = max((s.n_weights for s in held), default=0)
@@ -211,7 +205,7 @@ class HuffmanCoded(CompressedModule):
     ) -> HuffmanCoded:
         held = layer.streams()
         symbols = [s.symbols for s in held]
-        mask = _mask_index(layer)
+        mask = next((i for i, s in enumerate(held) if s.bitmask), None)
         escape = ESCAPE
         coded = [huffman.encode(s) for s in symbols]
         if mask is not None and positions == "gaps":

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from slimkit.compressed import StreamKind
 from slimkit.config import Granularity
 from slimkit.formats import packing
 from slimkit.formats import primitives as P
@@ -144,12 +145,15 @@ class AffineFormat(WeightFormat):
             w = w * in_scale.reshape(view)
         return w
 
+    def stream_kinds(self) -> list[StreamKind]:
+        return [StreamKind("qweight", self.bits)]
+
     def streams(self, t: Tensors) -> list[Stream]:
         if self.bits == 8:  # int8 codes, reinterpreted byte for byte
             symbols = t["qweight"].reshape(-1).view(torch.uint8).clone()
         else:
             symbols = packing.unpack(t["qweight"], self.bits, self.numel).to(torch.uint8)
-        return [Stream("qweight", symbols, self.bits)]
+        return [self.stream_kinds()[0].of(symbols)]
 
     def from_streams(self, t: Tensors, symbols: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.bits == 8:

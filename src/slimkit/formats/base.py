@@ -20,7 +20,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from slimkit.compressed import Stream
+from slimkit.compressed import Stream, StreamKind
 from slimkit.config import Granularity
 from slimkit.spec_rules import Rule, check_spec
 
@@ -97,6 +97,10 @@ class WeightFormat:
         """The float weight (``shape``) the tensors ``t`` stand for; ``unpacked`` is
         ``unpack(t)`` when the caller cached it."""
         raise NotImplementedError
+
+    def stream_kinds(self) -> list[StreamKind]:
+        """What ``streams`` returns, without computing the symbols."""
+        return []
 
     def streams(self, t: Tensors) -> list[Stream]:
         """The integer streams of ``t`` an entropy coder may store instead."""

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from slimkit.compressed import StreamKind
 from slimkit.formats import packing
 from slimkit.formats.base import Slot, Stream, Tensors, WeightFormat, register_format
 from slimkit.formats.bitmask import check_mask, pack_mask, unpack_mask
@@ -222,8 +223,11 @@ class CodebookFormat(WeightFormat):
         idx = self.unpack(t) if unpacked is None else unpacked
         return t["codebook"].gather(0, idx).reshape(self.shape)
 
+    def stream_kinds(self) -> list[StreamKind]:
+        return [StreamKind("indices", self.bits)]
+
     def streams(self, t: Tensors) -> list[Stream]:
-        return [Stream("indices", self.unpack(t).to(torch.uint8), self.bits)]
+        return [self.stream_kinds()[0].of(self.unpack(t).to(torch.uint8))]
 
     def from_streams(self, t: Tensors, symbols: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"indices": packing.pack(symbols[0], self.bits)}
@@ -287,9 +291,12 @@ class SparseCodebookFormat(CodebookFormat):
         kept = t["codebook"].gather(0, idx)  # (nnz,)
         return kept.new_zeros(self.numel).masked_scatter(keep, kept).reshape(self.shape)
 
+    def stream_kinds(self) -> list[StreamKind]:
+        mask = StreamKind("mask", 8, bitmask=True, n_weights=self.numel)
+        return [*super().stream_kinds(), mask]
+
     def streams(self, t: Tensors) -> list[Stream]:
-        mask = Stream("mask", t["mask"].clone(), 8, bitmask=True, n_weights=self.numel)
-        return [*super().streams(t), mask]
+        return [*super().streams(t), self.stream_kinds()[1].of(t["mask"].clone())]
 
     def from_streams(self, t: Tensors, symbols: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return {**super().from_streams(t, symbols[:1]), "mask": symbols[1]}

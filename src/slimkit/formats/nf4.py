@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from slimkit.compressed import StreamKind
 from slimkit.config import Granularity
 from slimkit.formats import packing
 from slimkit.formats.affine import scale_shape
@@ -114,8 +115,11 @@ class NF4Format(WeightFormat):
         values = LEVELS.gather(0, idx).reshape(scale.shape[0], scale.shape[1], -1)
         return (values * scale.unsqueeze(2)).reshape(self.shape)
 
+    def stream_kinds(self) -> list[StreamKind]:
+        return [StreamKind("indices", BITS)]
+
     def streams(self, t: Tensors) -> list[Stream]:
-        return [Stream("indices", self.unpack(t).to(torch.uint8), BITS)]
+        return [self.stream_kinds()[0].of(self.unpack(t).to(torch.uint8))]
 
     def from_streams(self, t: Tensors, symbols: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"indices": packing.pack(symbols[0], BITS)}

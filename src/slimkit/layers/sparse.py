@@ -44,6 +44,7 @@ from slimkit.compressed import (
     CompressedModule,
     ConvGeometry,
     Stream,
+    StreamKind,
     compressed_module,
     conv_args,
     copy_bias,
@@ -201,10 +202,13 @@ class _SparseWeight(CompressedModule):
     def stream_count(cls, spec: dict[str, Any]) -> int:
         return 1
 
-    def streams(self) -> list[Stream]:
+    def stream_kinds(self) -> list[StreamKind]:
         """The packed keep-mask, one symbol per mask byte."""
         numel = int(torch.Size(self.weight_shape).numel())
-        return [Stream("mask", self.mask.clone(), 8, bitmask=True, n_weights=numel)]
+        return [StreamKind("mask", 8, bitmask=True, n_weights=numel)]
+
+    def streams(self) -> list[Stream]:
+        return [self.stream_kinds()[0].of(self.mask.clone())]
 
     def set_streams(self, symbols: list[torch.Tensor]) -> None:
         self.mask.copy_(symbols[0])

@@ -22,6 +22,7 @@ from torch import nn
 from slimkit.compressed import (
     CompressedModule,
     ConvGeometry,
+    StreamKind,
     compressed_module,
     conv_args,
     copy_bias,
@@ -93,6 +94,9 @@ class FormatWeight(CompressedModule):
     def format_class(cls, spec: dict[str, Any]) -> type[WeightFormat]:
         """The format class a (checked) spec of this layer stands for."""
         raise NotImplementedError
+
+    def stream_kinds(self) -> list[StreamKind]:
+        return self.format.stream_kinds()
 
     def streams(self) -> list[Stream]:
         """The format's integer streams (for entropy coding)."""
