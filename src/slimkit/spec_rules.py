@@ -189,19 +189,25 @@ def check_spec(
 
 def _params(init: Callable[..., Any]) -> dict[str, inspect.Parameter]:
     """The keyword arguments ``init`` accepts; for a class whose ``__init__`` takes
-    ``**kwargs``, those of the next ``__init__`` up its MRO are added."""
+    ``**kwargs``, those of the next ``__init__`` up its MRO are added, and where that
+    argument is named ``storage`` (a compressed layer's, see ``slimkit.layers.shapes``), those
+    of the class's ``_init_storage`` after its ``shape``."""
     if isinstance(init, type):
         inits = [vars(c)["__init__"] for c in init.__mro__ if "__init__" in vars(c)]
     else:
         inits = [init]
     params: dict[str, inspect.Parameter] = {}
-    for fn in inits:
-        signature = inspect.signature(fn).parameters
+    skip = {"self"}
+    while inits:
+        signature = inspect.signature(inits.pop(0)).parameters
         for name, p in signature.items():
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name != "self":
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in skip:
                 params.setdefault(name, p)
-        if not any(p.kind == p.VAR_KEYWORD for p in signature.values()):
+        rest = [p.name for p in signature.values() if p.kind == p.VAR_KEYWORD]
+        if not rest:
             break
+        if rest[0] == "storage":
+            inits, skip = [getattr(init, "_init_storage")], {"self", "shape"}  # noqa: B009
     return params
 
 

@@ -183,9 +183,9 @@ def test_layer_refuses_a_mask_off_its_pattern() -> None:
     keep = torch.zeros(2, 8, dtype=torch.bool)
     keep[:, :4] = True  # 4 of the first group, 0 of the second
     with pytest.raises(ValueError, match="does not follow the 2:4 pattern"):
-        SparseLinear.from_float(dense, keep, "2:4")
+        SparseLinear.from_float(dense, keep, pattern="2:4")
     with pytest.raises(ValueError, match="not 'N:M'"):
-        SparseLinear(8, 2, 8, pattern="4:4")
+        SparseLinear(in_features=8, out_features=2, nnz=8, pattern="4:4")
     assert parse_pattern("2:4") == (2, 4)
 
 

@@ -116,7 +116,7 @@ def test_csr_holds_less_memory_and_copies() -> None:
 # -- settings, spec, artifacts ---------------------------------------------------------------
 def test_invalid_kernel_is_refused_naming_it() -> None:
     with pytest.raises(ValueError, match=r"'sparse'.*auto, dense, csr"):
-        SparseLinear(8, 4, 3, kernel="sparse")
+        SparseLinear(in_features=8, out_features=4, nnz=3, kernel="sparse")
     with pytest.raises(ValueError, match=r"'fast'"):
         to_sparse(pruned_linear(8, 4, 0.5), kernel="fast")
     conv = nn.Conv2d(2, 2, 3)

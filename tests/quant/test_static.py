@@ -109,7 +109,7 @@ def test_conv_equals_integer_reference() -> None:
 def test_activations_really_rounded() -> None:
     x = torch.linspace(0.0, 1.0, 1000).reshape(10, 100)
     q = calibrated_linear(x)
-    seen = q.quantized_input(x)
+    seen = q.layer_input(x)
     assert len(torch.unique(seen)) <= 256  # 8 bits: at most 256 distinct inputs
     assert float((seen - x).abs().max()) <= float(q.act_scale) / 2 * 1.0001
     assert not torch.equal(seen, x)
@@ -130,7 +130,7 @@ def test_activation_codes_within_range(bits: int, symmetric: bool) -> None:
 
 def test_zero_is_exact() -> None:
     q = calibrated_linear(torch.rand(10, 6) + 0.5)  # range widened to hold 0
-    assert float(q.quantized_input(torch.zeros(1, 6)).abs().max()) == 0.0
+    assert float(q.layer_input(torch.zeros(1, 6)).abs().max()) == 0.0
 
 
 def test_bad_activation_params_refused() -> None:

@@ -13,13 +13,13 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from slimkit.compressed import ConvGeometry, compressed_module, conv_args, copy_bias
+from slimkit.compressed import compressed_module
 from slimkit.formats.base import WeightFormat
 from slimkit.formats.bitmask import unpack_mask
 from slimkit.formats.codebook import CodebookFormat, SparseCodebookFormat
+from slimkit.layers.shapes import Conv2dOp, LinearOp
 from slimkit.layers.sparse import SparseConv2d, SparseLinear
 from slimkit.layers.weight import FormatWeight
 
@@ -39,8 +39,11 @@ class KMeansWeight(FormatWeight):
     codebook: torch.Tensor
     indices: torch.Tensor
 
-    def _init_storage(self, shape: tuple[int, ...], bits: int) -> None:
+    def _init_storage(self, shape: tuple[int, ...], bits: int = 4) -> None:
         self._init_format(CodebookFormat(tuple(shape), bits))
+
+    def storage_spec(self) -> dict[str, Any]:
+        return {"bits": self.bits}
 
     @property
     def bits(self) -> int:
@@ -77,83 +80,14 @@ class KMeansWeight(FormatWeight):
 
 
 @compressed_module
-class KMeansLinear(KMeansWeight):
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self._init_storage((out_features, in_features), bits)
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-
-    @classmethod
-    def empty_like(cls, m: nn.Linear, bits: int = 4) -> KMeansLinear:
-        """A layer of ``m``'s shape and bias, its codebook and indices still to be set."""
-        q = cls(m.in_features, m.out_features, m.bias is not None, bits)
-        copy_bias(m, q)
-        return q
-
-    @classmethod
-    def from_float(
-        cls, m: nn.Linear, bits: int = 4, iters: int = 30, init: str = "linear"
-    ) -> KMeansLinear:
-        q = cls.empty_like(m, bits)
-        q.set_weight(m.weight, iters, init)
-        return q
-
-    def spec(self) -> dict[str, Any]:
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-            "bits": self.bits,
-        }
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dense_weight(), self.bias)
-
+class KMeansLinear(LinearOp, KMeansWeight):
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, bits={self.bits}"
+        return f"{super().extra_repr()}, bits={self.bits}"
 
 
 @compressed_module
-class KMeansConv2d(KMeansWeight, ConvGeometry):
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: list[int] | tuple[int, int],
-        stride: list[int] | tuple[int, int] = (1, 1),
-        padding: list[int] | tuple[int, int] = (0, 0),
-        dilation: list[int] | tuple[int, int] = (1, 1),
-        groups: int = 1,
-        bias: bool = True,
-        bits: int = 4,
-    ) -> None:
-        super().__init__()
-        shape = self._init_geometry(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups
-        )
-        self._init_storage(shape, bits)
-        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-
-    @classmethod
-    def empty_like(cls, m: nn.Conv2d, bits: int = 4) -> KMeansConv2d:
-        q = cls(**conv_args(m), bias=m.bias is not None, bits=bits)
-        copy_bias(m, q)
-        return q
-
-    @classmethod
-    def from_float(
-        cls, m: nn.Conv2d, bits: int = 4, iters: int = 30, init: str = "linear"
-    ) -> KMeansConv2d:
-        q = cls.empty_like(m, bits)
-        q.set_weight(m.weight, iters, init)
-        return q
-
-    def spec(self) -> dict[str, Any]:
-        return {**self.geometry_spec(), "bias": self.bias is not None, "bits": self.bits}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x, self.dense_weight(), self.bias)
+class KMeansConv2d(Conv2dOp, KMeansWeight):
+    pass
 
 
 #: float layer type -> its k-means twin
@@ -178,9 +112,11 @@ class SparseKMeansWeight(KMeansWeight):
     runs_as = "dense fp32 kernel"
     mask: torch.Tensor
 
-    def _init_sparse(self, nnz: int) -> None:
-        """Store ``nnz`` kept weights' indices and the bitmask instead of dense indices."""
-        self._init_format(SparseCodebookFormat(self.format.shape, self.format.bits, nnz))
+    def _init_storage(self, shape: tuple[int, ...], nnz: int, bits: int = 4) -> None:  # type: ignore[override]
+        self._init_format(SparseCodebookFormat(tuple(shape), bits, nnz))
+
+    def storage_spec(self) -> dict[str, Any]:
+        return {"bits": self.bits, "nnz": self.nnz}
 
     @property
     def nnz(self) -> int:
@@ -192,25 +128,13 @@ class SparseKMeansWeight(KMeansWeight):
 
 
 @compressed_module
-class SparseKMeansLinear(SparseKMeansWeight, KMeansLinear):
-    def __init__(
-        self, in_features: int, out_features: int, nnz: int, bias: bool = True, bits: int = 4
-    ) -> None:
-        KMeansLinear.__init__(self, in_features, out_features, bias, bits)
-        self._init_sparse(nnz)
-
-    def spec(self) -> dict[str, Any]:
-        return {**KMeansLinear.spec(self), "nnz": self.nnz}
+class SparseKMeansLinear(LinearOp, SparseKMeansWeight):
+    pass
 
 
 @compressed_module
-class SparseKMeansConv2d(SparseKMeansWeight, KMeansConv2d):
-    def __init__(self, nnz: int, **conv: Any) -> None:
-        KMeansConv2d.__init__(self, **conv)
-        self._init_sparse(nnz)
-
-    def spec(self) -> dict[str, Any]:
-        return {**KMeansConv2d.spec(self), "nnz": self.nnz}
+class SparseKMeansConv2d(Conv2dOp, SparseKMeansWeight):
+    pass
 
 
 def sparse_kmeans_twin(
@@ -219,15 +143,9 @@ def sparse_kmeans_twin(
     """The k-means form of a sparse layer: same mask, kept values clustered, bias copied."""
     numel = int(torch.Size(m.weight_shape).numel())
     keep = unpack_mask(m.mask, numel)
-    nnz = m.values.numel()
-    q: SparseKMeansLinear | SparseKMeansConv2d
-    if isinstance(m, SparseLinear):
-        q = SparseKMeansLinear(m.in_features, m.out_features, nnz, m.bias is not None, bits)
-    else:
-        conv = {**m.geometry_spec(), "bias": m.bias is not None, "bits": bits}
-        q = SparseKMeansConv2d(nnz, **conv)
+    twin = SparseKMeansLinear if isinstance(m, SparseLinear) else SparseKMeansConv2d
+    q: SparseKMeansLinear | SparseKMeansConv2d = twin.empty_like(m, nnz=m.values.numel(), bits=bits)
     q.set_sparse(m.values, keep, iters)
-    copy_bias(m, q)
     return q
 
 

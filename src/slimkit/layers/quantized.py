@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from slimkit.compressed import ConvGeometry, compressed_module, conv_args, copy_bias
+from slimkit.compressed import compressed_module
 from slimkit.config import Granularity
 from slimkit.formats.affine import AffineFormat
 from slimkit.formats.base import WeightFormat
+from slimkit.layers.shapes import Conv2dOp, EmbeddingOp, LinearOp
 from slimkit.layers.weight import FormatWeight
 
 
@@ -40,10 +40,10 @@ class QuantWeight(FormatWeight):
     def _init_storage(
         self,
         shape: tuple[int, ...],
-        bits: int,
-        symmetric: bool,
-        per_channel: bool,
-        group_size: int | None,
+        bits: int = 8,
+        symmetric: bool = True,
+        per_channel: bool = True,
+        group_size: int | None = None,
         input_scaling: bool = False,
     ) -> None:
         if group_size is not None:
@@ -69,7 +69,7 @@ class QuantWeight(FormatWeight):
     def group_size(self) -> int | None:
         return self.format.group_size
 
-    def _quant_spec(self) -> dict[str, Any]:
+    def storage_spec(self) -> dict[str, Any]:
         spec: dict[str, Any] = {
             "bits": self.bits,
             "symmetric": self.symmetric,
@@ -99,134 +99,18 @@ class QuantWeight(FormatWeight):
 
 
 @compressed_module
-class QuantLinear(QuantWeight):
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        bits: int = 8,
-        symmetric: bool = True,
-        per_channel: bool = True,
-        group_size: int | None = None,
-        input_scaling: bool = False,
-    ) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        shape = (out_features, in_features)
-        self._init_storage(shape, bits, symmetric, per_channel, group_size, input_scaling)
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-
-    @classmethod
-    def empty_like(cls, m: nn.Linear, **quant: Any) -> QuantLinear:
-        """A layer of ``m``'s shape and bias, its codes still to be set."""
-        q = cls(m.in_features, m.out_features, m.bias is not None, **quant)
-        copy_bias(m, q)
-        return q
-
-    @classmethod
-    def from_float(cls, m: nn.Linear, **quant: Any) -> QuantLinear:
-        q = cls.empty_like(m, **quant)
-        q.set_weight(m.weight)
-        return q
-
-    def spec(self) -> dict[str, Any]:
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-            **self._quant_spec(),
-        }
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dense_weight(), self.bias)
-
+class QuantLinear(LinearOp, QuantWeight):
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, bits={self.bits}"
+        return f"{super().extra_repr()}, bits={self.bits}"
 
 
 @compressed_module
-class QuantConv2d(QuantWeight, ConvGeometry):
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: list[int] | tuple[int, int],
-        stride: list[int] | tuple[int, int] = (1, 1),
-        padding: list[int] | tuple[int, int] = (0, 0),
-        dilation: list[int] | tuple[int, int] = (1, 1),
-        groups: int = 1,
-        bias: bool = True,
-        bits: int = 8,
-        symmetric: bool = True,
-        per_channel: bool = True,
-        group_size: int | None = None,
-        input_scaling: bool = False,
-    ) -> None:
-        super().__init__()
-        shape = self._init_geometry(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups
-        )
-        self._init_storage(shape, bits, symmetric, per_channel, group_size, input_scaling)
-        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-
-    @classmethod
-    def empty_like(cls, m: nn.Conv2d, **quant: Any) -> QuantConv2d:
-        q = cls(**conv_args(m), bias=m.bias is not None, **quant)
-        copy_bias(m, q)
-        return q
-
-    @classmethod
-    def from_float(cls, m: nn.Conv2d, **quant: Any) -> QuantConv2d:
-        q = cls.empty_like(m, **quant)
-        q.set_weight(m.weight)
-        return q
-
-    def spec(self) -> dict[str, Any]:
-        return {**self.geometry_spec(), "bias": self.bias is not None, **self._quant_spec()}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x, self.dense_weight(), self.bias)
+class QuantConv2d(Conv2dOp, QuantWeight):
+    pass
 
 
 @compressed_module
-class QuantEmbedding(QuantWeight):
-    def __init__(
-        self,
-        num_embeddings: int,
-        embedding_dim: int,
-        padding_idx: int | None = None,
-        bits: int = 8,
-        symmetric: bool = True,
-        per_channel: bool = True,
-        group_size: int | None = None,
-    ) -> None:
-        super().__init__()
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.padding_idx = padding_idx
-        shape = (num_embeddings, embedding_dim)
-        self._init_storage(shape, bits, symmetric, per_channel, group_size)
-
-    @classmethod
-    def empty_like(cls, m: nn.Embedding, **quant: Any) -> QuantEmbedding:
-        if m.max_norm is not None or m.sparse:
-            raise ValueError("max_norm/sparse embeddings are not supported")
-        return cls(m.num_embeddings, m.embedding_dim, m.padding_idx, **quant)
-
-    @classmethod
-    def from_float(cls, m: nn.Embedding, **quant: Any) -> QuantEmbedding:
-        q = cls.empty_like(m, **quant)
-        q.set_weight(m.weight)
-        return q
-
-    def spec(self) -> dict[str, Any]:
-        return {
-            "num_embeddings": self.num_embeddings,
-            "embedding_dim": self.embedding_dim,
-            "padding_idx": self.padding_idx,
-            **self._quant_spec(),
-        }
-
+class QuantEmbedding(EmbeddingOp, QuantWeight):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Dequantize only the looked-up rows."""
         rows = F.embedding(idx, self.codes).float()  # (..., D)

@@ -40,17 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimkit.compressed import (
-    CompressedModule,
-    ConvGeometry,
-    Stream,
-    StreamKind,
-    compressed_module,
-    conv_args,
-    copy_bias,
-)
+from slimkit.compressed import CompressedModule, Stream, StreamKind, compressed_module, conv_args
 from slimkit.errors import ConfigError
 from slimkit.formats.bitmask import check_mask, pack_mask, unpack_mask
+from slimkit.layers.shapes import Conv2dOp, LinearOp
 from slimkit.spec_rules import Rule, spec_choice
 
 
@@ -126,7 +119,7 @@ class _SparseWeight(CompressedModule):
     mask: torch.Tensor
     dense: torch.Tensor | None
 
-    def _init_storage(self, shape: tuple[int, ...], nnz: int, pattern: str | None) -> None:
+    def _init_storage(self, shape: tuple[int, ...], nnz: int, pattern: str | None = None) -> None:
         if pattern is not None:
             parse_pattern(pattern)
         self.weight_shape = tuple(shape)
@@ -234,62 +227,43 @@ class _SparseWeight(CompressedModule):
         kind = f"{self.pattern} semi-structured sparse" if self.pattern else "sparse"
         return f"{kind} weights (values + bitmask) on disk"
 
-    def pattern_spec(self) -> dict[str, Any]:
-        """``{"pattern": "N:M"}`` for an N:M layer; empty otherwise (older specs have none)."""
-        return {} if self.pattern is None else {"pattern": self.pattern}
+    def storage_spec(self) -> dict[str, Any]:
+        """``nnz``, and ``pattern`` for an N:M layer (older specs have none)."""
+        pattern = {} if self.pattern is None else {"pattern": self.pattern}
+        return {"nnz": self.values.numel(), **pattern}
+
+    @classmethod
+    def from_float(
+        cls, m: nn.Module, keep: torch.Tensor | None = None, **options: Any
+    ) -> _SparseWeight:
+        """The layer holding ``m``'s weights marked by ``keep`` (default: its nonzeros);
+        ``options``: ``pattern``, and a Linear's ``kernel``."""
+        w = m.weight
+        assert isinstance(w, torch.Tensor)
+        nnz = int((w != 0).sum() if keep is None else keep.sum())
+        s: _SparseWeight = cls.empty_like(m, nnz=nnz, **options)  # type: ignore[attr-defined]
+        s.set_weight(w, keep)
+        return s
 
 
 @compressed_module
-class SparseLinear(_SparseWeight):
+class SparseLinear(LinearOp, _SparseWeight):
     """A sparse Linear run by its ``kernel``: auto, dense or csr (see the module docstring)."""
 
     csr_crow: torch.Tensor | None
     csr_col: torch.Tensor | None
     spec_rules: ClassVar[dict[str, Rule]] = {"kernel": spec_choice(*SPARSE_KERNELS)}
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        nnz: int,
-        bias: bool = True,
-        pattern: str | None = None,
-        kernel: str = "auto",
-    ) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+    def __init__(self, kernel: str = "auto", **shape: Any) -> None:
+        super().__init__(**shape)
         self.kernel = check_kernel(kernel)
-        self._init_storage((out_features, in_features), nnz, pattern)
         self.register_buffer("csr_crow", None, persistent=False)
         self.register_buffer("csr_col", None, persistent=False)
         self._csr_key: tuple[int, int, int] | None = None
         self._choices: dict[int, str] = {}
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-
-    @classmethod
-    def from_float(
-        cls,
-        m: nn.Linear,
-        keep: torch.Tensor | None = None,
-        pattern: str | None = None,
-        kernel: str = "auto",
-    ) -> SparseLinear:
-        """The layer holding ``m``'s weights marked by ``keep`` (default: its nonzeros)."""
-        nnz = int((m.weight != 0).sum() if keep is None else keep.sum())
-        s = cls(m.in_features, m.out_features, nnz, m.bias is not None, pattern, kernel)
-        s.set_weight(m.weight, keep)
-        copy_bias(m, s)
-        return s
 
     def spec(self) -> dict[str, Any]:
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "nnz": self.values.numel(),
-            "bias": self.bias is not None,
-            **self.pattern_spec(),
-            "kernel": self.kernel,
-        }
+        return {**super().spec(), "kernel": self.kernel}
 
     # -- kernels ---------------------------------------------------------------------------
     def _reset_caches(self) -> None:
@@ -409,48 +383,8 @@ class SparseLinear(_SparseWeight):
 
 
 @compressed_module
-class SparseConv2d(_SparseWeight, ConvGeometry):
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: list[int] | tuple[int, int],
-        nnz: int,
-        stride: list[int] | tuple[int, int] = (1, 1),
-        padding: list[int] | tuple[int, int] = (0, 0),
-        dilation: list[int] | tuple[int, int] = (1, 1),
-        groups: int = 1,
-        bias: bool = True,
-        pattern: str | None = None,
-    ) -> None:
-        super().__init__()
-        shape = self._init_geometry(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups
-        )
-        self._init_storage(shape, nnz, pattern)
-        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-
-    @classmethod
-    def from_float(
-        cls, m: nn.Conv2d, keep: torch.Tensor | None = None, pattern: str | None = None
-    ) -> SparseConv2d:
-        """The layer holding ``m``'s weights marked by ``keep`` (default: its nonzeros)."""
-        nnz = int((m.weight != 0).sum() if keep is None else keep.sum())
-        s = cls(nnz=nnz, bias=m.bias is not None, pattern=pattern, **conv_args(m))
-        s.set_weight(m.weight, keep)
-        copy_bias(m, s)
-        return s
-
-    def spec(self) -> dict[str, Any]:
-        return {
-            **self.geometry_spec(),
-            "nnz": self.values.numel(),
-            "bias": self.bias is not None,
-            **self.pattern_spec(),
-        }
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x, self.dense_weight(), self.bias)
+class SparseConv2d(Conv2dOp, _SparseWeight):
+    pass
 
 
 #: dense layer type -> its sparse twin
@@ -491,7 +425,11 @@ def to_sparse(
 ) -> SparseLinear | SparseConv2d:
     """The sparse twin of a Linear or Conv2d holding the weights ``keep`` marks (default:
     the nonzeros); ``kernel`` is a Linear's (a Conv2d always runs the dense kernel)."""
-    if SPARSE_SWAPS[type(module)] is SparseLinear:
-        return SparseLinear.from_float(module, keep, pattern, kernel)  # type: ignore[arg-type]
-    check_kernel(kernel)
-    return SPARSE_SWAPS[type(module)].from_float(module, keep, pattern)  # type: ignore[arg-type]
+    twin = SPARSE_SWAPS[type(module)]
+    options: dict[str, Any] = {"pattern": pattern}
+    if twin is SparseLinear:
+        options["kernel"] = kernel
+    else:
+        check_kernel(kernel)
+    layer: SparseLinear | SparseConv2d = twin.from_float(module, keep, **options)  # type: ignore[assignment]
+    return layer

@@ -16,17 +16,9 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from slimkit.compressed import (
-    CompressedModule,
-    ConvGeometry,
-    StreamKind,
-    compressed_module,
-    conv_args,
-    copy_bias,
-)
+from slimkit.compressed import CompressedModule, StreamKind, compressed_module
 from slimkit.formats.base import (
     Stream,
     WeightFormat,
@@ -34,6 +26,7 @@ from slimkit.formats.base import (
     format_class,
     format_from_spec,
 )
+from slimkit.layers.shapes import Conv2dOp, EmbeddingOp, LinearOp
 
 
 class FormatWeight(CompressedModule):
@@ -74,6 +67,14 @@ class FormatWeight(CompressedModule):
     def set_weight(self, w: torch.Tensor) -> None:
         """Store the float weight ``w`` in this layer's format."""
         self.store(self.format.encode(w))
+
+    @classmethod
+    def from_float(cls, m: nn.Module, **options: Any) -> Any:
+        """``m`` with its weight stored in this layer's format (``options``: the storage's;
+        the class is a :class:`~slimkit.layers.shapes.LayerOp` too)."""
+        q = cls.empty_like(m, **options)  # type: ignore[attr-defined]
+        q.set_weight(m.weight)
+        return q
 
     def unpacked(self) -> Any:
         """``format.unpack`` of the stored tensors, cached while its inputs do not change."""
@@ -122,18 +123,21 @@ class FormatWeight(CompressedModule):
 
 
 class _GenericFormat(FormatWeight):
-    """The format-recording layers: their spec has a ``format`` entry."""
+    """The format-recording storage: the spec has a ``format`` entry (``{"kind": ...}``)."""
+
+    def _init_storage(self, shape: tuple[int, ...], format: dict[str, Any]) -> None:
+        self._init_format(format_from_spec(shape, format))
+
+    def storage_spec(self) -> dict[str, Any]:
+        return {"format": self.format.spec()}
 
     @classmethod
     def check_spec(cls, spec: Any) -> str | None:
         problem = super().check_spec(spec)
         if problem is not None:
             return problem
-        return check_format(cls.spec_weight_shape(spec), spec["format"])
-
-    @classmethod
-    def spec_weight_shape(cls, spec: dict[str, Any]) -> tuple[int, ...]:
-        raise NotImplementedError
+        shape = cls.spec_weight_shape(spec)  # type: ignore[attr-defined]
+        return check_format(shape, spec["format"])
 
     @classmethod
     def format_class(cls, spec: dict[str, Any]) -> type[WeightFormat]:
@@ -141,122 +145,26 @@ class _GenericFormat(FormatWeight):
         assert found is not None
         return found
 
+    @classmethod
+    def of(cls, m: nn.Module, fmt: WeightFormat) -> Any:
+        """``m`` with its weight stored in ``fmt``."""
+        return cls.from_float(m, format=fmt.spec())
+
 
 @compressed_module
-class FormatLinear(_GenericFormat):
-    def __init__(
-        self, in_features: int, out_features: int, format: dict[str, Any], bias: bool = True
-    ) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self._init_format(format_from_spec((out_features, in_features), format))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-
-    @classmethod
-    def spec_weight_shape(cls, spec: dict[str, Any]) -> tuple[int, ...]:
-        return (spec["out_features"], spec["in_features"])
-
-    @classmethod
-    def from_float(cls, m: nn.Linear, fmt: WeightFormat) -> FormatLinear:
-        q = cls(m.in_features, m.out_features, fmt.spec(), m.bias is not None)
-        copy_bias(m, q)
-        q.set_weight(m.weight)
-        return q
-
-    def spec(self) -> dict[str, Any]:
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "format": self.format.spec(),
-            "bias": self.bias is not None,
-        }
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dense_weight(), self.bias)
-
+class FormatLinear(LinearOp, _GenericFormat):
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, format={self.format.kind}"
+        return f"{super().extra_repr()}, format={self.format.kind}"
 
 
 @compressed_module
-class FormatConv2d(_GenericFormat, ConvGeometry):
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: list[int] | tuple[int, int],
-        format: dict[str, Any],
-        stride: list[int] | tuple[int, int] = (1, 1),
-        padding: list[int] | tuple[int, int] = (0, 0),
-        dilation: list[int] | tuple[int, int] = (1, 1),
-        groups: int = 1,
-        bias: bool = True,
-    ) -> None:
-        super().__init__()
-        shape = self._init_geometry(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups
-        )
-        self._init_format(format_from_spec(shape, format))
-        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-
-    @classmethod
-    def spec_weight_shape(cls, spec: dict[str, Any]) -> tuple[int, ...]:
-        kh, kw = spec["kernel_size"]
-        groups = spec.get("groups", 1)
-        return (spec["out_channels"], spec["in_channels"] // groups, kh, kw)
-
-    @classmethod
-    def from_float(cls, m: nn.Conv2d, fmt: WeightFormat) -> FormatConv2d:
-        q = cls(**conv_args(m), format=fmt.spec(), bias=m.bias is not None)
-        copy_bias(m, q)
-        q.set_weight(m.weight)
-        return q
-
-    def spec(self) -> dict[str, Any]:
-        return {**self.geometry_spec(), "format": self.format.spec(), "bias": self.bias is not None}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x, self.dense_weight(), self.bias)
+class FormatConv2d(Conv2dOp, _GenericFormat):
+    pass
 
 
 @compressed_module
-class FormatEmbedding(_GenericFormat):
+class FormatEmbedding(EmbeddingOp, _GenericFormat):
     runs_as = "decoded for the lookup"
-
-    def __init__(
-        self,
-        num_embeddings: int,
-        embedding_dim: int,
-        format: dict[str, Any],
-        padding_idx: int | None = None,
-    ) -> None:
-        super().__init__()
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.padding_idx = padding_idx
-        self._init_format(format_from_spec((num_embeddings, embedding_dim), format))
-
-    @classmethod
-    def spec_weight_shape(cls, spec: dict[str, Any]) -> tuple[int, ...]:
-        return (spec["num_embeddings"], spec["embedding_dim"])
-
-    @classmethod
-    def from_float(cls, m: nn.Embedding, fmt: WeightFormat) -> FormatEmbedding:
-        if m.max_norm is not None or m.sparse:
-            raise ValueError("max_norm/sparse embeddings are not supported")
-        q = cls(m.num_embeddings, m.embedding_dim, fmt.spec(), m.padding_idx)
-        q.set_weight(m.weight)
-        return q
-
-    def spec(self) -> dict[str, Any]:
-        return {
-            "num_embeddings": self.num_embeddings,
-            "embedding_dim": self.embedding_dim,
-            "format": self.format.spec(),
-            "padding_idx": self.padding_idx,
-        }
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.embedding(idx, self.dense_weight(), self.padding_idx)
 
 
 #: float layer type -> the format layer for it
@@ -277,5 +185,5 @@ def weight_shape(m: nn.Module) -> tuple[int, ...]:
 
 def format_layer(m: nn.Module, fmt: WeightFormat) -> FormatWeight:
     """``m`` (a float Linear, Conv2d or Embedding) with its weight stored in ``fmt``."""
-    cls = FORMAT_LAYERS[type(m)]
-    return cls.from_float(m, fmt)  # type: ignore[arg-type]
+    layer: FormatWeight = FORMAT_LAYERS[type(m)].of(m, fmt)
+    return layer

@@ -150,8 +150,9 @@ def apply_kmeans(model: nn.Module, config: KMeansConfig, ctx: Context) -> nn.Mod
     def make(name: str, module: nn.Module) -> nn.Module:
         if isinstance(module, SparseLinear | SparseConv2d):
             return sparse_kmeans_twin(module, config.bits, config.iters)
-        twin = KMEANS_SWAPS[type(module)]
-        return twin.from_float(module, bits=config.bits, iters=config.iters)  # type: ignore[arg-type]
+        q: KMeansWeight = KMEANS_SWAPS[type(module)].empty_like(module, bits=config.bits)
+        q.set_weight(module.weight, config.iters)  # type: ignore[arg-type]
+        return q
 
     swap_modules(model, ctx.names, make)
     if batches:

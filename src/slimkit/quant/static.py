@@ -20,7 +20,6 @@ import dataclasses
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from slimkit.calib.capture import run_batches, watching
@@ -72,7 +71,8 @@ class StaticActivations(QuantWeight):
     act_scale: torch.Tensor
     act_zero: torch.Tensor
 
-    def _init_activations(self, act_bits: int, act_symmetric: bool) -> None:
+    def __init__(self, act_bits: int = 8, act_symmetric: bool = False, **shape: Any) -> None:
+        super().__init__(**shape)
         P.qrange(act_bits, act_symmetric)  # validates act_bits
         self.act_bits, self.act_symmetric = act_bits, act_symmetric
         self.register_buffer("act_scale", torch.ones(1))
@@ -100,12 +100,12 @@ class StaticActivations(QuantWeight):
             x, self.act_scale, self.act_zero, self.act_bits, self.act_symmetric
         )
 
-    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+    def layer_input(self, x: torch.Tensor) -> torch.Tensor:
         """``(q_x - z_x) * s_x``: the input as the kernel sees it."""
         return dequantize_activation(self.input_codes(x), self.act_scale, self.act_zero)
 
-    def _act_spec(self) -> dict[str, Any]:
-        return {"act_bits": self.act_bits, "act_symmetric": self.act_symmetric}
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "act_bits": self.act_bits, "act_symmetric": self.act_symmetric}
 
     def describe(self) -> str:
         packed = "" if self.bits == 8 else " packed"
@@ -120,30 +120,6 @@ class StaticActivations(QuantWeight):
 class StaticQuantLinear(StaticActivations, QuantLinear):
     """A Linear with integer weights and statically quantized integer inputs."""
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        bits: int = 8,
-        symmetric: bool = True,
-        per_channel: bool = True,
-        group_size: int | None = None,
-        input_scaling: bool = False,
-        act_bits: int = 8,
-        act_symmetric: bool = False,
-    ) -> None:
-        super().__init__(
-            in_features, out_features, bias, bits, symmetric, per_channel, group_size, input_scaling
-        )
-        self._init_activations(act_bits, act_symmetric)
-
-    def spec(self) -> dict[str, Any]:
-        return {**super().spec(), **self._act_spec()}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantized_input(x), self.dense_weight(), self.bias)
-
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, act_bits={self.act_bits}"
 
@@ -151,48 +127,6 @@ class StaticQuantLinear(StaticActivations, QuantLinear):
 @compressed_module
 class StaticQuantConv2d(StaticActivations, QuantConv2d):
     """A Conv2d with integer weights and statically quantized integer inputs."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: list[int] | tuple[int, int],
-        stride: list[int] | tuple[int, int] = (1, 1),
-        padding: list[int] | tuple[int, int] = (0, 0),
-        dilation: list[int] | tuple[int, int] = (1, 1),
-        groups: int = 1,
-        bias: bool = True,
-        bits: int = 8,
-        symmetric: bool = True,
-        per_channel: bool = True,
-        group_size: int | None = None,
-        input_scaling: bool = False,
-        act_bits: int = 8,
-        act_symmetric: bool = False,
-    ) -> None:
-        super().__init__(
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride,
-            padding,
-            dilation,
-            groups,
-            bias,
-            bits,
-            symmetric,
-            per_channel,
-            group_size,
-            input_scaling,
-        )
-        self._init_activations(act_bits, act_symmetric)
-
-    def spec(self) -> dict[str, Any]:
-        return {**super().spec(), **self._act_spec()}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # zero padding is exact: the code of 0.0 dequantizes to 0.0
-        return self.conv(self.quantized_input(x), self.dense_weight(), self.bias)
 
 
 #: float layer type -> its statically quantized twin

@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from slimkit.calib.capture import input_absmax
-from slimkit.compressed import CompressedModule, compressed_module, copy_bias
+from slimkit.compressed import CompressedModule, compressed_module
 from slimkit.config import StageConfig
 from slimkit.context import Context
 from slimkit.errors import ConfigError
 from slimkit.formats import primitives as P
+from slimkit.layers.shapes import LinearOp
 from slimkit.quant import kernels
 from slimkit.quant.smoothquant import smoothing_factors
 from slimkit.registry import register
@@ -35,7 +36,7 @@ KERNEL_NOTES = {
 
 
 @compressed_module
-class DynamicQuantLinear(CompressedModule):
+class DynamicQuantLinear(LinearOp, CompressedModule):
     """A Linear computed as int8 x int8 with per-token activation scales found on the fly."""
 
     qweight: torch.Tensor
@@ -43,29 +44,25 @@ class DynamicQuantLinear(CompressedModule):
     smooth: torch.Tensor | None
     spec_rules: ClassVar[dict[str, Rule]] = {"kernel": spec_choice("auto", *KERNEL_NOTES)}
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        smoothquant: bool = False,
-        kernel: str = "auto",
+    def _init_storage(
+        self, shape: tuple[int, ...], smoothquant: bool = False, kernel: str = "auto"
     ) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        out_features, in_features = shape
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(out_features, 1))
         self.register_buffer("smooth", torch.ones(in_features) if smoothquant else None)
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.kernel = kernel  # "auto" is resolved when the layer first runs, on that machine
         self._prepared: tuple[tuple[int, int, str], kernels.Int8Weight] | None = None
 
+    def storage_spec(self) -> dict[str, Any]:
+        return {"smoothquant": self.smooth is not None, "kernel": self.kernel}
+
     @classmethod
-    def from_float(
+    def from_float(  # type: ignore[override]
         cls, m: nn.Linear, smooth: torch.Tensor | None = None, kernel: str = "auto"
     ) -> DynamicQuantLinear:
         """Quantize ``m``; with ``smooth`` = s (K,), store ``W * s`` and apply 1 / s to inputs."""
-        q = cls(m.in_features, m.out_features, m.bias is not None, smooth is not None, kernel)
+        q: DynamicQuantLinear = cls.empty_like(m, smoothquant=smooth is not None, kernel=kernel)
         w = m.weight.detach().float()  # (N, K)
         if smooth is not None:
             w = w * smooth.reshape(1, -1)
@@ -74,17 +71,7 @@ class DynamicQuantLinear(CompressedModule):
         scale, zero = P.qparams(w, 8, symmetric=True, per_channel=True)
         q.qweight.copy_(P.quantize(w, scale, zero, 8, symmetric=True))
         q.scale.copy_(scale)
-        copy_bias(m, q)
         return q
-
-    def spec(self) -> dict[str, Any]:
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-            "smoothquant": self.smooth is not None,
-            "kernel": self.kernel,
-        }
 
     def _weight(self) -> kernels.Int8Weight:
         """The kernel's form of the weight, rebuilt when the buffers change."""
@@ -120,9 +107,6 @@ class DynamicQuantLinear(CompressedModule):
         state = self.__dict__.copy()
         state["_prepared"] = None  # the packed kernel weight is rebuilt, never copied
         return state
-
-    def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}"
 
 
 @dataclasses.dataclass(frozen=True)

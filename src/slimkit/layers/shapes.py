@@ -1,0 +1,199 @@
+"""The operation side of a compressed layer: what it computes (a Linear, a Conv2d or an
+Embedding), separate from how its weight is stored.
+
+A compressed layer class is one of these operations plus a storage class, for example
+``class QuantLinear(LinearOp, QuantWeight)``. The operation owns the shape arguments, the bias,
+the forward and the shape half of the spec; the storage class owns the weight: its
+``_init_storage(shape, **options)`` registers the stored tensors, ``storage_spec()`` gives
+the options back, ``dense_weight()`` decodes them. The constructor takes the shape arguments
+and then the storage options by keyword, so the spec is ``{**shape_spec, **storage_spec}``
+and a layer is rebuilt from it by ``cls(**spec)`` (``spec_rules`` reads the storage options
+from ``_init_storage``).
+
+``layer_input`` is the input side: the identity here; a layer that quantizes its
+activations overrides it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimkit.compressed import ConvGeometry, conv_args, copy_bias
+
+
+class LayerOp(nn.Module):
+    """Base of the operation halves (see the module docstring)."""
+
+    bias: nn.Parameter | None
+
+    if TYPE_CHECKING:  # supplied by the storage half (declared here, defined there)
+        _init_storage: Callable[..., None]
+
+        def storage_spec(self) -> dict[str, Any]: ...
+
+        def dense_weight(self) -> torch.Tensor: ...
+
+    # the operation half
+    def shape_spec(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def spec_weight_shape(cls, spec: dict[str, Any]) -> tuple[int, ...]:
+        """The weight shape a (checked) spec of this layer stands for."""
+        raise NotImplementedError
+
+    @classmethod
+    def float_args(cls, m: nn.Module) -> dict[str, Any]:
+        """The shape arguments of the float layer ``m`` (or of another compressed layer of
+        the same operation)."""
+        raise NotImplementedError
+
+    def spec(self) -> dict[str, Any]:
+        return {**self.shape_spec(), **self.storage_spec()}
+
+    def layer_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the operation sees it (activation quantization overrides this)."""
+        return x
+
+    def _init_bias(self, bias: bool, n: int) -> None:
+        self.bias = nn.Parameter(torch.zeros(n)) if bias else None
+
+    @classmethod
+    def empty_like(cls, m: nn.Module, **options: Any) -> Any:
+        """A layer of ``m``'s shape and bias, its stored weight still to be set."""
+        q = cls(**cls.float_args(m), **options)
+        copy_bias(m, q)
+        return q
+
+
+class LinearOp(LayerOp):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, **storage: Any
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_storage((out_features, in_features), **storage)
+        self._init_bias(bias, out_features)
+
+    def shape_spec(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+        }
+
+    @classmethod
+    def spec_weight_shape(cls, spec: dict[str, Any]) -> tuple[int, ...]:
+        return (spec["out_features"], spec["in_features"])
+
+    @classmethod
+    def float_args(cls, m: nn.Module) -> dict[str, Any]:
+        return {
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "bias": getattr(m, "bias", None) is not None,
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.layer_input(x), self.dense_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}"
+
+
+class Conv2dOp(LayerOp, ConvGeometry):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: list[int] | tuple[int, int],
+        stride: list[int] | tuple[int, int] = (1, 1),
+        padding: list[int] | tuple[int, int] = (0, 0),
+        dilation: list[int] | tuple[int, int] = (1, 1),
+        groups: int = 1,
+        bias: bool = True,
+        **storage: Any,
+    ) -> None:
+        super().__init__()
+        shape = self._init_geometry(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups
+        )
+        self._init_storage(shape, **storage)
+        self._init_bias(bias, out_channels)
+
+    def shape_spec(self) -> dict[str, Any]:
+        return {**self.geometry_spec(), "bias": self.bias is not None}
+
+    @classmethod
+    def spec_weight_shape(cls, spec: dict[str, Any]) -> tuple[int, ...]:
+        kh, kw = spec["kernel_size"]
+        groups = spec.get("groups", 1)
+        return (spec["out_channels"], spec["in_channels"] // groups, kh, kw)
+
+    @classmethod
+    def float_args(cls, m: nn.Module) -> dict[str, Any]:
+        if isinstance(m, ConvGeometry):
+            shape = m.geometry_spec()
+        else:
+            assert isinstance(m, nn.Conv2d)
+            shape = conv_args(m)
+        return {**shape, "bias": getattr(m, "bias", None) is not None}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # zero padding stays exact when the input is quantized: the code of 0.0 is 0.0
+        return self.conv(self.layer_input(x), self.dense_weight(), self.bias)
+
+
+class EmbeddingOp(LayerOp):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        **storage: Any,
+    ) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx = padding_idx
+        self._init_storage((num_embeddings, embedding_dim), **storage)
+        self.bias = None
+
+    def shape_spec(self) -> dict[str, Any]:
+        return {
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "padding_idx": self.padding_idx,
+        }
+
+    @classmethod
+    def spec_weight_shape(cls, spec: dict[str, Any]) -> tuple[int, ...]:
+        return (spec["num_embeddings"], spec["embedding_dim"])
+
+    @classmethod
+    def float_args(cls, m: nn.Module) -> dict[str, Any]:
+        if getattr(m, "max_norm", None) is not None or getattr(m, "sparse", False):
+            raise ValueError("max_norm/sparse embeddings are not supported")
+        return {
+            "num_embeddings": m.num_embeddings,
+            "embedding_dim": m.embedding_dim,
+            "padding_idx": m.padding_idx,
+        }
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.dense_weight(), self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+#: float layer type -> its operation half
+OPS: dict[type[nn.Module], type[LayerOp]] = {
+    nn.Linear: LinearOp,
+    nn.Conv2d: Conv2dOp,
+    nn.Embedding: EmbeddingOp,
+}
