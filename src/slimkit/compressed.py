@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +137,12 @@ def compressed_module(cls: M) -> M:
     return cls
 
 
+def compressed_modules(*classes: type[CompressedModule]) -> None:
+    """``@compressed_module`` for several classes at once."""
+    for cls in classes:
+        compressed_module(cls)
+
+
 def module_class(name: str) -> type[CompressedModule] | None:
     return _MODULES.get(name)
 
@@ -248,25 +254,36 @@ def _pair(v: list[int] | tuple[int, int]) -> tuple[int, int]:
 
 
 class ConvGeometry(nn.Module):
-    """The shape arguments of a 2-D convolution, shared by the compressed convolutions."""
+    """The shape arguments of a 2-D convolution, shared by the compressed convolutions.
 
-    def _init_geometry(
+    The rest of a layer's arguments (``**layer``) go to its ``_init_layer``, called once the
+    geometry is stored (groups 1 until ``_init_layer`` says otherwise)."""
+
+    if TYPE_CHECKING:
+        _init_layer: Callable[..., None]
+
+    def __init__(
         self,
         in_channels: int,
         out_channels: int,
         kernel_size: list[int] | tuple[int, int],
-        stride: list[int] | tuple[int, int],
-        padding: list[int] | tuple[int, int],
-        dilation: list[int] | tuple[int, int],
-        groups: int,
-    ) -> tuple[int, int, int, int]:
-        """Store the arguments; return the weight shape (out, in / groups, kh, kw)."""
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        stride: list[int] | tuple[int, int] = (1, 1),
+        padding: list[int] | tuple[int, int] = (0, 0),
+        dilation: list[int] | tuple[int, int] = (1, 1),
+        **layer: Any,
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, 1
         self.kernel_size: tuple[int, int] = _pair(kernel_size)
         self.stride, self.padding = _pair(stride), _pair(padding)
         self.dilation: tuple[int, int] = _pair(dilation)
+        self._init_layer(**layer)
+
+    @property
+    def conv_weight_shape(self) -> tuple[int, int, int, int]:
+        """(out, in / groups, kh, kw)."""
         kh, kw = self.kernel_size
-        return (out_channels, in_channels // groups, kh, kw)
+        return (self.out_channels, self.in_channels // self.groups, kh, kw)
 
     def geometry_spec(self, with_groups: bool = True) -> dict[str, Any]:
         """The stored shape arguments, JSON-able; without ``groups`` for layers that only

@@ -188,10 +188,10 @@ def check_spec(
 
 
 def _params(init: Callable[..., Any]) -> dict[str, inspect.Parameter]:
-    """The keyword arguments ``init`` accepts; for a class whose ``__init__`` takes
-    ``**kwargs``, those of the next ``__init__`` up its MRO are added, and where that
-    argument is named ``storage`` (a compressed layer's, see ``slimkit.layers.shapes``), those
-    of the class's ``_init_storage`` after its ``shape``."""
+    """The keyword arguments ``init`` accepts. For a class whose ``__init__`` takes
+    ``**name``: those of its ``_init_name`` (after ``shape``) when it has one (a compressed
+    layer passes the rest of its arguments on so, see ``slimkit.layers.shapes``), else those
+    of the next ``__init__`` up its MRO."""
     if isinstance(init, type):
         inits = [vars(c)["__init__"] for c in init.__mro__ if "__init__" in vars(c)]
     else:
@@ -206,8 +206,9 @@ def _params(init: Callable[..., Any]) -> dict[str, inspect.Parameter]:
         rest = [p.name for p in signature.values() if p.kind == p.VAR_KEYWORD]
         if not rest:
             break
-        if rest[0] == "storage":
-            inits, skip = [getattr(init, "_init_storage")], {"self", "shape"}  # noqa: B009
+        passed_to = getattr(init, f"_init_{rest[0]}", None)
+        if passed_to is not None:
+            inits, skip = [passed_to], {"self", "shape"}
     return params
 
 

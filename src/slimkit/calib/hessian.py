@@ -7,7 +7,7 @@ both methods walk column by column.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -19,9 +19,12 @@ from slimkit.calib.sequential import (
     columns,
     geometry,
     input_rows,
+    quantize_sequential,
     require_rows,
 )
+from slimkit.context import Progress
 from slimkit.data import Batch
+from slimkit.select import swap_modules
 
 #: how many times the damping is multiplied by 10 after the first try fails
 DAMP_RETRIES = 4
@@ -140,3 +143,40 @@ def require_hessian_rows(
     calibration rows than it has input columns (one counting pass over ``data``)."""
     hessian = [n for n in dict.fromkeys(names) if uses_hessian(model.get_submodule(n))]
     require_rows(model, hessian, data, method)
+
+
+#: ``make(group, name, module, hessian)``: the layer that replaces ``module``
+HessianSwap = Callable[[Group, str, nn.Module, "torch.Tensor | None"], nn.Module]
+
+
+def swap_with_hessians(
+    model: nn.Module,
+    names: Sequence[str],
+    data: Sequence[Batch],
+    method: str,
+    strict: bool,
+    make: HessianSwap,
+    report: Progress,
+) -> None:
+    """Block by block (``quantize_sequential``): one run of the block collects the Hessian of
+    each selected layer that gets one (``uses_hessian``), then every selected layer is
+    replaced by ``make(group, name, module, hessian or None)``. With ``strict``, too few
+    calibration rows for a layer is a DataError before any work (a warning otherwise)."""
+    if strict:
+        require_hessian_rows(model, names, data, method)
+
+    def one_group(group: Group) -> None:
+        modules = {n: group.root.get_submodule(n) for n in group.names}
+        watched = [n for n, m in modules.items() if uses_hessian(m)]
+        stats = Hessians({n: modules[n] for n in watched})
+        if watched:
+            with group.watching(stats.watch, watched):
+                group.run()
+        stats.check_rows(group, method, strict)
+
+        def swap(name: str, module: nn.Module) -> nn.Module:
+            return make(group, name, module, stats.pop(name) if name in watched else None)
+
+        swap_modules(group.root, group.names, swap)
+
+    quantize_sequential(model, names, data, one_group, report)

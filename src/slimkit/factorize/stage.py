@@ -127,19 +127,6 @@ class _FactorizedConv(ComposedModule, ConvGeometry):
     """Shape arguments of the original conv (groups 1, zero padding), kept for the spec; the
     children are standard convolutions."""
 
-    def _init_conv(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: list[int],
-        stride: list[int],
-        padding: list[int],
-        dilation: list[int],
-    ) -> None:
-        self._init_geometry(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups=1
-        )
-
     def _conv_spec(self) -> dict[str, Any]:
         return self.geometry_spec(with_groups=False)
 
@@ -154,20 +141,8 @@ class TuckerConv2d(_FactorizedConv):
     core rank_in -> rank_out (the original stride, padding, dilation), 1x1 rank_out -> Cout
     (the bias)."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: list[int],
-        stride: list[int],
-        padding: list[int],
-        dilation: list[int],
-        rank_in: int,
-        rank_out: int,
-        bias: bool = True,
-    ) -> None:
-        super().__init__()
-        self._init_conv(in_channels, out_channels, kernel_size, stride, padding, dilation)
+    def _init_layer(self, rank_in: int, rank_out: int, bias: bool = True) -> None:
+        in_channels, out_channels = self.in_channels, self.out_channels
         self.rank_in, self.rank_out = rank_in, rank_out
         self.project_in = nn.Conv2d(in_channels, rank_in, 1, bias=False)
         self.core = nn.Conv2d(
@@ -222,19 +197,8 @@ class SpatialConv2d(_FactorizedConv):
     """Spatially separated conv: ``horizontal(vertical(x))``: kh x 1 Cin -> rank (vertical
     stride, padding, dilation), 1 x kw rank -> Cout (horizontal ones, the bias)."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: list[int],
-        stride: list[int],
-        padding: list[int],
-        dilation: list[int],
-        rank: int,
-        bias: bool = True,
-    ) -> None:
-        super().__init__()
-        self._init_conv(in_channels, out_channels, kernel_size, stride, padding, dilation)
+    def _init_layer(self, rank: int, bias: bool = True) -> None:
+        in_channels, out_channels = self.in_channels, self.out_channels
         self.rank = rank
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
         (ph, pw), (dh, dw) = self.padding, self.dilation

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimkit.compressed import compressed_module
+from slimkit.compressed import compressed_modules
 from slimkit.formats.base import WeightFormat
 from slimkit.formats.bitmask import unpack_mask
 from slimkit.formats.codebook import CodebookFormat, SparseCodebookFormat
@@ -79,15 +79,15 @@ class KMeansWeight(FormatWeight):
             self.register_buffer("codebook", param.detach().clone())
 
 
-@compressed_module
 class KMeansLinear(LinearOp, KMeansWeight):
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, bits={self.bits}"
+    """A Linear whose weight is a codebook and an index per weight."""
 
 
-@compressed_module
 class KMeansConv2d(Conv2dOp, KMeansWeight):
-    pass
+    """A Conv2d whose weight is a codebook and an index per weight."""
+
+
+compressed_modules(KMeansLinear, KMeansConv2d)
 
 
 #: float layer type -> its k-means twin
@@ -127,14 +127,15 @@ class SparseKMeansWeight(KMeansWeight):
         self.store(self.format.encode_kept(values, keep, iters))
 
 
-@compressed_module
 class SparseKMeansLinear(LinearOp, SparseKMeansWeight):
-    pass
+    """A pruned Linear whose kept weights share a codebook."""
 
 
-@compressed_module
 class SparseKMeansConv2d(Conv2dOp, SparseKMeansWeight):
-    pass
+    """A pruned Conv2d whose kept weights share a codebook."""
+
+
+compressed_modules(SparseKMeansLinear, SparseKMeansConv2d)
 
 
 def sparse_kmeans_twin(

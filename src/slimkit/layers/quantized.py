@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from slimkit.compressed import compressed_module
+from slimkit.compressed import compressed_modules
 from slimkit.config import Granularity
 from slimkit.formats.affine import AffineFormat
 from slimkit.formats.base import WeightFormat
@@ -98,18 +98,14 @@ class QuantWeight(FormatWeight):
         self.store({"in_scale": factor})
 
 
-@compressed_module
 class QuantLinear(LinearOp, QuantWeight):
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, bits={self.bits}"
+    """A Linear with affine integer weights."""
 
 
-@compressed_module
 class QuantConv2d(Conv2dOp, QuantWeight):
-    pass
+    """A Conv2d with affine integer weights."""
 
 
-@compressed_module
 class QuantEmbedding(EmbeddingOp, QuantWeight):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Dequantize only the looked-up rows."""
@@ -129,3 +125,6 @@ class QuantEmbedding(EmbeddingOp, QuantWeight):
         return F.embedding(idx, t)
 
     runs_as = "dequantized row by row on lookup"
+
+
+compressed_modules(QuantLinear, QuantConv2d, QuantEmbedding)

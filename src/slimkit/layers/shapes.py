@@ -56,6 +56,13 @@ class LayerOp(nn.Module):
     def spec(self) -> dict[str, Any]:
         return {**self.shape_spec(), **self.storage_spec()}
 
+    def extra_repr(self) -> str:
+        shape = ", ".join(str(v) for v in self.shape_spec().values())
+        options = [
+            f"{k}={v['kind'] if isinstance(v, dict) else v}" for k, v in self.storage_spec().items()
+        ]
+        return ", ".join([shape, *options])
+
     def layer_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input as the operation sees it (activation quantization overrides this)."""
         return x
@@ -102,29 +109,12 @@ class LinearOp(LayerOp):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.layer_input(x), self.dense_weight(), self.bias)
 
-    def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}"
-
 
 class Conv2dOp(LayerOp, ConvGeometry):
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: list[int] | tuple[int, int],
-        stride: list[int] | tuple[int, int] = (1, 1),
-        padding: list[int] | tuple[int, int] = (0, 0),
-        dilation: list[int] | tuple[int, int] = (1, 1),
-        groups: int = 1,
-        bias: bool = True,
-        **storage: Any,
-    ) -> None:
-        super().__init__()
-        shape = self._init_geometry(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups
-        )
-        self._init_storage(shape, **storage)
-        self._init_bias(bias, out_channels)
+    def _init_layer(self, groups: int = 1, bias: bool = True, **storage: Any) -> None:
+        self.groups = groups
+        self._init_storage(self.conv_weight_shape, **storage)
+        self._init_bias(bias, self.out_channels)
 
     def shape_spec(self) -> dict[str, Any]:
         return {**self.geometry_spec(), "bias": self.bias is not None}
@@ -186,9 +176,6 @@ class EmbeddingOp(LayerOp):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return F.embedding(idx, self.dense_weight(), self.padding_idx)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
 #: float layer type -> its operation half

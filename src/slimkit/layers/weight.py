@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from slimkit.compressed import CompressedModule, StreamKind, compressed_module
+from slimkit.compressed import CompressedModule, StreamKind, compressed_modules
 from slimkit.formats.base import (
     Stream,
     WeightFormat,
@@ -151,20 +151,19 @@ class _GenericFormat(FormatWeight):
         return cls.from_float(m, format=fmt.spec())
 
 
-@compressed_module
 class FormatLinear(LinearOp, _GenericFormat):
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, format={self.format.kind}"
+    """A Linear whose weight is held in the format its spec names."""
 
 
-@compressed_module
 class FormatConv2d(Conv2dOp, _GenericFormat):
-    pass
+    """A Conv2d whose weight is held in the format its spec names."""
 
 
-@compressed_module
 class FormatEmbedding(EmbeddingOp, _GenericFormat):
     runs_as = "decoded for the lookup"
+
+
+compressed_modules(FormatLinear, FormatConv2d, FormatEmbedding)
 
 
 #: float layer type -> the format layer for it

@@ -48,21 +48,19 @@ from torch import nn
 
 from slimkit.calib.hessian import (
     HessianError,
-    Hessians,
     drop_dead_inputs,
     input_size,
     inverse_factor,
-    require_hessian_rows,
+    swap_with_hessians,
     uses_hessian,
 )
-from slimkit.calib.sequential import Group, quantize_sequential
+from slimkit.calib.sequential import Group
 from slimkit.compressed import conv_args
 from slimkit.config import StageConfig
 from slimkit.context import Context
 from slimkit.errors import ConfigError
 from slimkit.layers.sparse import SparseConv2d, SparseLinear
 from slimkit.registry import register
-from slimkit.select import swap_modules
 
 #: unstructured sparsity when neither ``sparsity`` nor ``n``/``m`` is given
 DEFAULT_SPARSITY = 0.5
@@ -258,30 +256,15 @@ def check_layers(model: nn.Module, names: Sequence[str], config: SparseGPTConfig
 def apply_sparsegpt(model: nn.Module, config: SparseGPTConfig, ctx: Context) -> nn.Module:
     data = ctx.need_data("sparsegpt")
     config.check(model, ctx.names)
-    if config.strict:
-        require_hessian_rows(model, ctx.names, data, "SparseGPT")
-    quantize_sequential(model, ctx.names, data, lambda g: _prune_group(g, config, ctx), ctx.report)
-    return model
 
-
-def _prune_group(group: Group, config: SparseGPTConfig, ctx: Context) -> None:
-    """Collect the Hessians of the group's layers in one run, then prune and swap them."""
-    modules = {n: group.root.get_submodule(n) for n in group.names}
-    watched = [n for n, m in modules.items() if uses_hessian(m)]
-    stats = Hessians({n: modules[n] for n in watched})
-    if watched:
-        with group.watching(stats.watch, watched):
-            group.run()
-    stats.check_rows(group, "SparseGPT", config.strict)
-
-    def make(name: str, module: nn.Module) -> nn.Module:
-        h = stats.pop(name) if name in watched else None
+    def make(group: Group, name: str, module: nn.Module, h: torch.Tensor | None) -> nn.Module:
         weight: torch.Tensor = module.weight  # type: ignore[assignment]
         with torch.no_grad():
             weight.copy_(_prune_layer(group.full_name(name), module, h, config, ctx))
         return _SWAPS[type(module)].from_float(module)  # type: ignore[arg-type]
 
-    swap_modules(group.root, group.names, make)
+    swap_with_hessians(model, ctx.names, data, "SparseGPT", config.strict, make, ctx.report)
+    return model
 
 
 def _prune_layer(

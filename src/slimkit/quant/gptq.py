@@ -36,21 +36,18 @@ from torch import nn
 
 from slimkit.calib.hessian import (
     HessianError,
-    Hessians,
     drop_dead_inputs,
     inverse_factor,
-    require_hessian_rows,
+    swap_with_hessians,
     uses_hessian,
 )
 from slimkit.calib.sequential import (
     Group,
-    quantize_sequential,
 )
 from slimkit.context import Context
 from slimkit.formats import primitives as P
 from slimkit.quant.common import WeightQuantConfig, empty_twin
 from slimkit.registry import register
-from slimkit.select import swap_modules
 
 
 def gptq_quantize(
@@ -192,29 +189,13 @@ class GPTQConfig(WeightQuantConfig):
 def apply_gptq(model: nn.Module, config: GPTQConfig, ctx: Context) -> nn.Module:
     data = ctx.need_data("gptq")
     config.check(model, ctx.names)
-    if config.strict:
-        require_hessian_rows(model, ctx.names, data, "GPTQ")
-    quantize_sequential(model, ctx.names, data, lambda g: _gptq_group(g, config, ctx), ctx.report)
-    return model
-
-
-def _gptq_group(group: Group, config: GPTQConfig, ctx: Context) -> None:
-    """Collect the Hessians of the group's layers in one run, then quantize and swap them."""
-    modules = {n: group.root.get_submodule(n) for n in group.names}
-    watched = [n for n, m in modules.items() if uses_hessian(m)]
-    stats = Hessians({n: modules[n] for n in watched})
-    if watched:
-        with group.watching(stats.watch, watched):
-            group.run()
-    stats.check_rows(group, "GPTQ", config.strict)
     quant = config.quant_kwargs()
 
-    def make(name: str, module: nn.Module) -> nn.Module:
+    def make(group: Group, name: str, module: nn.Module, h: torch.Tensor | None) -> nn.Module:
         q = empty_twin(module, **quant)
         weight: Any = module.weight
-        h = stats.pop(name) if name in watched else None
         if h is None:
-            if name in watched:
+            if uses_hessian(module):
                 ctx.report(
                     f"gptq: {group.full_name(name)} saw no calibration input; rounded to nearest"
                 )
@@ -240,4 +221,5 @@ def _gptq_group(group: Group, config: GPTQConfig, ctx: Context) -> None:
         q.set_quantized(codes.reshape(weight.shape), scale, zero)
         return q
 
-    swap_modules(group.root, group.names, make)
+    swap_with_hessians(model, ctx.names, data, "GPTQ", config.strict, make, ctx.report)
+    return model

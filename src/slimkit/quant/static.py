@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from slimkit.calib.capture import run_batches, watching
-from slimkit.compressed import compressed_module
+from slimkit.compressed import compressed_modules
 from slimkit.context import Context
 from slimkit.errors import DataError
 from slimkit.formats import primitives as P
@@ -116,17 +116,15 @@ class StaticActivations(QuantWeight):
         return f"{what} (static ranges), integer arithmetic on the fp32 kernel (no faster)"
 
 
-@compressed_module
 class StaticQuantLinear(StaticActivations, QuantLinear):
     """A Linear with integer weights and statically quantized integer inputs."""
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, act_bits={self.act_bits}"
 
-
-@compressed_module
 class StaticQuantConv2d(StaticActivations, QuantConv2d):
     """A Conv2d with integer weights and statically quantized integer inputs."""
+
+
+compressed_modules(StaticQuantLinear, StaticQuantConv2d)
 
 
 #: float layer type -> its statically quantized twin

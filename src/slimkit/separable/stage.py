@@ -38,24 +38,12 @@ class SeparableConv2d(ComposedModule, ConvGeometry):
     ``in_channels``, no bias) then a pointwise 1x1 convolution to ``out_channels`` (with the
     original bias), standing for a standard ``Conv2d`` of the same geometry."""
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: list[int] | tuple[int, int],
-        stride: list[int] | tuple[int, int] = (1, 1),
-        padding: list[int] | tuple[int, int] = (0, 0),
-        dilation: list[int] | tuple[int, int] = (1, 1),
-        depth_multiplier: int = 1,
-        bias: bool = False,
-        fit_error: float | None = None,
+    def _init_layer(
+        self, depth_multiplier: int = 1, bias: bool = False, fit_error: float | None = None
     ) -> None:
-        super().__init__()
         if depth_multiplier < 1:
             raise ValueError(f"depth_multiplier must be >= 1, got {depth_multiplier}")
-        self._init_geometry(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups=1
-        )
+        in_channels, out_channels = self.in_channels, self.out_channels
         self.depth_multiplier = depth_multiplier
         self.fit_error = fit_error
         mid = in_channels * depth_multiplier
@@ -77,15 +65,11 @@ class SeparableConv2d(ComposedModule, ConvGeometry):
         if conv.groups != 1:
             raise ValueError(f"groups={conv.groups}: only standard (groups=1) convolutions")
         args = conv_args(conv)  # ValueError for string padding or another padding mode
+        del args["groups"]
         fitted = separable_fit(conv.weight, depth_multiplier)
         out = cls(
-            args["in_channels"],
-            args["out_channels"],
-            args["kernel_size"],
-            args["stride"],
-            args["padding"],
-            args["dilation"],
-            depth_multiplier,
+            **args,
+            depth_multiplier=depth_multiplier,
             bias=conv.bias is not None,
             fit_error=fitted.error,
         )
