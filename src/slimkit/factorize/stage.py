@@ -403,6 +403,19 @@ def _skip(ctx: Context, method: str, name: str, why: str) -> None:
     ctx.report(f"factorize {method}: {name}: {why}; left as it is")
 
 
+def _rank_fits(ctx: Context, method: str, name: str, r: int, rows: int, cols: int) -> bool:
+    """Whether rank ``r`` factors of a ``rows`` x ``cols`` matrix shrink it; a line in the
+    report when they do not (no rank left, or at least as many weights)."""
+    if r < 1:
+        _skip(ctx, method, name, f"the budget leaves no rank ({cols} -> {rows})")
+        return False
+    if not lowrank.shrinks(r, rows, cols):
+        _skip(ctx, method, name, f"rank {r} would not shrink it "
+              f"({r * (rows + cols)} >= {rows * cols} weights)")  # fmt: skip
+        return False
+    return True
+
+
 def _conv_problem(m: nn.Conv2d) -> str | None:
     if m.groups != 1:
         return f"grouped conv (groups={m.groups}) is not factorized"
@@ -477,14 +490,8 @@ def apply_svd(model: nn.Module, config: SVDConfig, ctx: Context) -> nn.Module:
     ranks = _linear_ranks(model, layers, config, ctx)
     plans: dict[int, Make] = {}
     for name, m in layers.items():
-        r, n_in, n_out = ranks[name], m.in_features, m.out_features
-        if r < 1:
-            _skip(ctx, "svd", name, f"the budget leaves no rank ({n_in} -> {n_out})")
-        elif not lowrank.shrinks(r, n_in, n_out):
-            _skip(ctx, "svd", name, f"rank {r} would not shrink it "
-                  f"({r * (n_in + n_out)} >= {n_in * n_out} weights)")  # fmt: skip
-        else:
-            plans[id(m)] = functools.partial(LowRankLinear.from_linear, m, r)
+        if _rank_fits(ctx, "svd", name, ranks[name], m.out_features, m.in_features):
+            plans[id(m)] = functools.partial(LowRankLinear.from_linear, m, ranks[name])
     _swap(model, ctx.names, plans, config, ctx)
     return model
 
@@ -545,12 +552,7 @@ def apply_spatial_svd(model: nn.Module, config: SpatialSVDConfig, ctx: Context) 
         else:
             assert config.ratio is not None
             r = lowrank.ratio_rank(cols, rows_, config.ratio)
-        if r < 1:
-            _skip(ctx, "spatial-svd", name, "the budget leaves no rank")
-        elif not lowrank.shrinks(r, rows_, cols):
-            _skip(ctx, "spatial-svd", name, f"rank {r} would not shrink it "
-                  f"({r * (rows_ + cols)} >= {rows_ * cols} weights)")  # fmt: skip
-        else:
+        if _rank_fits(ctx, "spatial-svd", name, r, rows_, cols):
             plans[id(m)] = functools.partial(SpatialConv2d.from_conv, m, r)
     _swap(model, ctx.names, plans, config, ctx)
     return model

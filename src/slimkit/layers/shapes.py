@@ -16,7 +16,7 @@ activations overrides it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimkit.compressed import ConvGeometry, conv_args, copy_bias
+from slimkit.errors import ConfigError
 
 
 class LayerOp(nn.Module):
@@ -184,3 +185,27 @@ OPS: dict[type[nn.Module], type[LayerOp]] = {
     nn.Conv2d: Conv2dOp,
     nn.Embedding: EmbeddingOp,
 }
+
+
+def check_twins(
+    model: nn.Module,
+    names: Iterable[str],
+    twins: Mapping[type[nn.Module], type[LayerOp]],
+    method: str,
+    done: str,
+    keep: tuple[type[nn.Module], ...] = (),
+) -> None:
+    """ConfigError naming the first selected layer that has no twin in ``twins`` (a layer
+    of a ``keep`` type passes) or whose shape its twin cannot hold; ``done`` says what
+    ``method`` does ("quantized", "pruned")."""
+    for name in names:
+        module = model.get_submodule(name)  # a shared module is checked under each name
+        if isinstance(module, keep):
+            continue
+        twin = twins.get(type(module))
+        if twin is None:
+            raise ConfigError(f"layer {name!r} ({type(module).__name__}) cannot be {done}")
+        try:
+            twin.float_args(module)
+        except ValueError as e:
+            raise ConfigError(f"layer {name!r} cannot be {done} by {method}: {e}") from None

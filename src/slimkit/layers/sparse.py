@@ -40,10 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimkit.compressed import CompressedModule, Stream, StreamKind, compressed_module, conv_args
-from slimkit.errors import ConfigError
+from slimkit.compressed import CompressedModule, Stream, StreamKind, compressed_module
 from slimkit.formats.bitmask import check_mask, pack_mask, unpack_mask
-from slimkit.layers.shapes import Conv2dOp, LinearOp
+from slimkit.layers.shapes import Conv2dOp, LinearOp, check_twins
 from slimkit.spec_rules import Rule, spec_choice
 
 
@@ -406,15 +405,7 @@ def trainable_values(layers: Sequence[SparseLinear | SparseConv2d]) -> Iterator[
 
 def check_sparse_convertible(model: nn.Module, names: Sequence[str], method: str) -> None:
     """ConfigError naming the first selected layer that has no sparse twin of its form."""
-    for name in names:
-        module = model.get_submodule(name)
-        if type(module) not in SPARSE_SWAPS:
-            raise ConfigError(f"layer {name!r} ({type(module).__name__}) cannot be pruned")
-        if isinstance(module, nn.Conv2d):
-            try:
-                conv_args(module)
-            except ValueError as e:
-                raise ConfigError(f"layer {name!r} cannot be pruned by {method}: {e}") from None
+    check_twins(model, names, SPARSE_SWAPS, method, "pruned")
 
 
 def to_sparse(

@@ -188,6 +188,13 @@ def weight_of(model: nn.Module, name: str) -> torch.Tensor:
     return weight
 
 
+def zero_pruned(model: nn.Module, names: Sequence[str], keeps: Sequence[torch.Tensor]) -> None:
+    """Set the weights of each named layer that its keep mask drops to exactly zero."""
+    with torch.no_grad():
+        for name, keep in zip(names, keeps, strict=True):
+            weight_of(model, name).mul_(keep)
+
+
 class Importance(abc.ABC):
     """Scores the weights or output channels of named layers; higher = more important."""
 

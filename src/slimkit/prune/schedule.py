@@ -29,7 +29,14 @@ from slimkit.calib.capture import labelled_batches
 from slimkit.config import Scope
 from slimkit.context import Context
 from slimkit.layers.sparse import SPARSE_SWAPS, to_sparse
-from slimkit.prune.importance import Importance, importance, keep_masks, unique_names, weight_of
+from slimkit.prune.importance import (
+    Importance,
+    importance,
+    keep_masks,
+    unique_names,
+    weight_of,
+    zero_pruned,
+)
 from slimkit.prune.unstructured import UnstructuredConfig
 from slimkit.registry import register
 from slimkit.select import swap_modules
@@ -130,9 +137,7 @@ def prune_step(
         config.min_density,
         criterion.normalize,
     )
-    with torch.no_grad():
-        for name, keep in zip(names, keeps, strict=True):
-            weight_of(model, name).mul_(keep)
+    zero_pruned(model, names, keeps)
     return keeps
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 from slimkit.config import Scope, StageConfig
@@ -28,7 +27,7 @@ from slimkit.prune.importance import (
     importance,
     keep_masks,
     unique_names,
-    weight_of,
+    zero_pruned,
 )
 from slimkit.registry import register
 from slimkit.select import swap_modules
@@ -95,9 +94,7 @@ def prune_unstructured(
         config.min_density,
         criterion.normalize,
     )
-    with torch.no_grad():
-        for name, keep in zip(names, keeps, strict=True):
-            weight_of(model, name).mul_(keep)
+    zero_pruned(model, names, keeps)
     kernel = config.kernel.value
     swap_modules(model, ctx.names, lambda _name, m: to_sparse(m, kernel=kernel))
     return model

@@ -14,11 +14,12 @@ from slimkit.errors import ConfigError
 from slimkit.formats import primitives as P
 from slimkit.formats.base import Scheme
 from slimkit.layers.quantized import QuantConv2d, QuantEmbedding, QuantLinear, QuantWeight
+from slimkit.layers.shapes import check_twins
 
 MIN_BITS, MAX_BITS = 2, 8
 
 #: float layer type -> its weight-quantized twin
-WEIGHT_SWAPS: dict[type[nn.Module], type[QuantWeight]] = {
+WEIGHT_SWAPS: dict[type[nn.Module], type[QuantLinear | QuantConv2d | QuantEmbedding]] = {
     nn.Linear: QuantLinear,
     nn.Conv2d: QuantConv2d,
     nn.Embedding: QuantEmbedding,
@@ -87,15 +88,7 @@ def check_group_sizes(
 
 def check_convertible(model: nn.Module, names: Iterable[str], method: str) -> None:
     """ConfigError naming the first selected layer that has no quantized twin of its form."""
-    for name in names:
-        module = model.get_submodule(name)
-        twin = WEIGHT_SWAPS.get(type(module))
-        if twin is None:
-            raise ConfigError(f"layer {name!r} ({type(module).__name__}) cannot be quantized")
-        try:
-            twin.empty_like(module)  # type: ignore[attr-defined]
-        except ValueError as e:
-            raise ConfigError(f"layer {name!r} cannot be quantized by {method}: {e}") from None
+    check_twins(model, names, WEIGHT_SWAPS, method, "quantized")
 
 
 def empty_twin(module: nn.Module, **quant: Any) -> QuantWeight:

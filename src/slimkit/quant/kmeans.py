@@ -29,7 +29,6 @@ from torch import nn
 from slimkit.calib.capture import TrainBatch, labelled_batches
 from slimkit.config import StageConfig
 from slimkit.context import Context
-from slimkit.errors import ConfigError
 from slimkit.formats.codebook import MAX_BITS, MIN_BITS
 from slimkit.layers.codebook import (
     KMEANS_SWAPS,
@@ -37,6 +36,7 @@ from slimkit.layers.codebook import (
     sparse_kmeans_twin,
     trainable_codebooks,
 )
+from slimkit.layers.shapes import check_twins
 from slimkit.layers.sparse import SparseConv2d, SparseLinear
 from slimkit.registry import register
 from slimkit.select import swap_modules
@@ -122,18 +122,9 @@ class KMeansConfig(StageConfig):
 
 
 def check_kmeans_convertible(model: nn.Module, names: Sequence[str]) -> None:
-    """ConfigError naming the first selected layer that has no k-means twin of its form."""
-    for name in names:
-        module = model.get_submodule(name)  # a shared module is checked under each name
-        if isinstance(module, SparseLinear | SparseConv2d):
-            continue  # every sparse layer has a sparse k-means twin
-        twin = KMEANS_SWAPS.get(type(module))
-        if twin is None:
-            raise ConfigError(f"layer {name!r} ({type(module).__name__}) cannot be quantized")
-        try:
-            twin.empty_like(module)  # type: ignore[arg-type]
-        except ValueError as e:
-            raise ConfigError(f"layer {name!r} cannot be quantized by kmeans: {e}") from None
+    """ConfigError naming the first selected layer that has no k-means twin of its form
+    (every sparse layer has a sparse k-means twin)."""
+    check_twins(model, names, KMEANS_SWAPS, "kmeans", "quantized", (SparseLinear, SparseConv2d))
 
 
 def training_batches(model: nn.Module, ctx: Context, epochs: int) -> list[TrainBatch]:
