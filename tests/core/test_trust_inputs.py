@@ -380,7 +380,7 @@ def test_precheck_group_size_names_recipe_stage_key_and_layers() -> None:
     ("stage", "expected"),
     [
         ({"prune": {"method": "nm", "n": 2, "m": 3}}, "m=3 does not divide"),
-        ({"prune": {"method": "sparsegpt", "n": 2, "m": 3}}, "m 3 does not divide"),
+        ({"prune": {"method": "sparsegpt", "n": 2, "m": 3}}, "m=3 does not divide"),
         (
             {"quantize": {"method": "w8a8-static", "granularity": "per_group", "group_size": 32}},
             "group_size 32 does not divide",

@@ -383,7 +383,7 @@ def test_overflowing_hessian_falls_back_to_magnitude_with_a_warning() -> None:
 
 def test_m_not_dividing_is_config_error_listing_layers_before_work(net: Net) -> None:
     before = copy.deepcopy(net.state_dict())
-    with pytest.raises(ConfigError, match=r"m 16 does not divide .* 2 layer\(s\): proj \(8\), "):
+    with pytest.raises(ConfigError, match=r"m=16 does not divide .* 2 layer\(s\): proj \(8\), "):
         slimkit.compress(net, sparsegpt(n=8, m=16), data=data())
     assert type(net.proj) is nn.Linear and type(net.conv) is nn.Conv2d
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())

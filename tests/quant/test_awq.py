@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 import slimkit
+from slimkit.config import Granularity
 from slimkit.errors import ConfigError, DataError
 from slimkit.formats import primitives as P
+from slimkit.formats.base import Scheme
 from slimkit.layers.quantized import QuantConv2d, QuantEmbedding, QuantLinear
 from slimkit.quant.awq import (
     AWQConfig,
@@ -59,6 +61,10 @@ def test_scales_are_normalised_powers() -> None:
     assert bool(torch.isfinite(s).all() and (s > 0).all())  # the dead channel too
 
 
+def grouped(bits: int) -> Scheme:
+    return Scheme(bits, Granularity.PER_GROUP, G, symmetric=False)
+
+
 def test_output_error_is_the_squared_output_difference() -> None:
     x, d = outlier_inputs(), weight()
     assert output_error(d, x.T @ x) == pytest.approx(float(((x @ d.T) ** 2).sum()), rel=1e-4)
@@ -67,9 +73,7 @@ def test_output_error_is_the_squared_output_difference() -> None:
 @pytest.mark.parametrize("bits", [3, 4])
 def test_awq_beats_rtn_with_large_input_channels(bits: int) -> None:
     x, w = outlier_inputs(), weight()
-    codes, scale, zero, s = awq_quantize(
-        w, x.T @ x, x.abs().mean(0), bits, False, group_size=G, clip=False
-    )
+    codes, scale, zero, s = awq_quantize(w, x.T @ x, x.abs().mean(0), grouped(bits), clip=False)
     w_hat = P.dequantize(codes, scale, zero) / s
     # measured: about 3x below rounding's error at 3 and 4 bits
     assert out_err(x, w, w_hat) < 0.6 * out_err(x, w, P.fake_quantize(w, bits, False, group_size=G))
@@ -78,9 +82,7 @@ def test_awq_beats_rtn_with_large_input_channels(bits: int) -> None:
 def test_uniform_channels_and_no_clip_give_exactly_rtn() -> None:
     # every alpha gives s = 1 when all channels are alike: plain round-to-nearest
     x, w = torch.randn(200, K), weight()
-    codes, scale, zero, s = awq_quantize(
-        w, x.T @ x, torch.ones(K), 4, False, group_size=G, clip=False
-    )
+    codes, scale, zero, s = awq_quantize(w, x.T @ x, torch.ones(K), grouped(4), clip=False)
     want_scale, want_zero = P.qparams(w, 4, False, group_size=G)
     assert torch.equal(s, torch.ones(K))
     assert torch.equal(scale, want_scale) and torch.equal(zero, want_zero)  # type: ignore[arg-type]
@@ -89,19 +91,19 @@ def test_uniform_channels_and_no_clip_give_exactly_rtn() -> None:
 
 @pytest.mark.parametrize(
     "quant",
-    [{"group_size": G}, {"per_channel": True}, {"per_channel": False}],
+    [Granularity.PER_GROUP, Granularity.PER_CHANNEL, Granularity.PER_TENSOR],
     ids=["group", "channel", "tensor"],
 )
-def test_clip_search_never_raises_a_cell_error(quant: dict[str, Any]) -> None:
+def test_clip_search_never_raises_a_cell_error(quant: Granularity) -> None:
     x, w = outlier_inputs(), weight()
     w[3, 7] = 8.0  # an outlier weight that clipping should cut
     gram = x.T @ x
-    per_channel, group = quant.get("per_channel", True), quant.get("group_size")
-    ratio = search_clip(w, gram, 3, False, per_channel, group, 20)
-    plain = quantize_clipped(w, 3, False, per_channel, group)
-    clipped = quantize_clipped(w, 3, False, per_channel, group, ratio)
-    err_plain = cell_errors(w - P.dequantize(*plain), gram, per_channel, group)
-    err_clip = cell_errors(w - P.dequantize(*clipped), gram, per_channel, group)
+    scheme = Scheme(3, quant, G if quant is Granularity.PER_GROUP else None, symmetric=False)
+    ratio = search_clip(w, gram, scheme, 20)
+    plain = quantize_clipped(w, scheme)
+    clipped = quantize_clipped(w, scheme, ratio)
+    err_plain = cell_errors(w - P.dequantize(*plain), gram, scheme)
+    err_clip = cell_errors(w - P.dequantize(*clipped), gram, scheme)
     assert ratio.shape == plain[1].shape
     assert bool((ratio >= 0.5).all() and (ratio <= 1.0).all())
     assert bool((err_clip <= err_plain * (1 + 1e-6)).all())
@@ -110,7 +112,9 @@ def test_clip_search_never_raises_a_cell_error(quant: dict[str, Any]) -> None:
 
 def test_cell_errors_add_up_for_per_channel_cells() -> None:
     x, d = outlier_inputs(), weight()
-    cells = cell_errors(d, x.T @ x, True, None)  # (N_OUT, 1): whole rows, nothing left out
+    cells = cell_errors(
+        d, x.T @ x, Scheme(symmetric=False)
+    )  # (N_OUT, 1): whole rows, nothing left out
     assert cells.shape == (N_OUT, 1)
     assert float(cells.sum()) == pytest.approx(output_error(d, x.T @ x), rel=1e-4)
 

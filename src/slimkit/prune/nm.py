@@ -72,10 +72,16 @@ def nm_keep(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 def check_group_length(model: nn.Module, names: Sequence[str], config: NMConfig) -> None:
     """ConfigError listing every selected layer whose row length ``m`` does not divide."""
     lengths = {name: int(weight_of(model, name)[0].numel()) for name in names}
-    bad = [f"{name} ({k})" for name, k in lengths.items() if k % config.m]
+    check_m_divides(lengths, config.m, "prune.nm")
+
+
+def check_m_divides(sizes: dict[str, int], m: int, method: str) -> None:
+    """ConfigError listing every layer (name -> input size) whose size ``m`` does not
+    divide: N:M groups never straddle two rows."""
+    bad = [f"{name} ({k})" for name, k in sizes.items() if k % m]
     if bad:
         raise ConfigError(
-            f"prune.nm: m={config.m} does not divide the input size of {len(bad)} layer(s): "
+            f"{method}: m={m} does not divide the input size of {len(bad)} layer(s): "
             f"{', '.join(bad)}; add them to ignore or choose another m"
         )
 

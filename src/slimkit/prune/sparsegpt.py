@@ -60,6 +60,7 @@ from slimkit.config import StageConfig
 from slimkit.context import Context
 from slimkit.errors import ConfigError
 from slimkit.layers.sparse import SparseConv2d, SparseLinear
+from slimkit.prune.nm import check_m_divides
 from slimkit.registry import register
 
 #: unstructured sparsity when neither ``sparsity`` nor ``n``/``m`` is given
@@ -243,13 +244,9 @@ def check_layers(model: nn.Module, names: Sequence[str], config: SparseGPTConfig
                 raise ConfigError(f"layer {name!r} cannot be pruned by sparsegpt: {e}") from None
     if config.m is None:
         return
-    sizes = {name: input_size(module) for name, module in modules.items()}
-    bad = [f"{name} ({k})" for name, k in sizes.items() if k % config.m]
-    if bad:
-        raise ConfigError(
-            f"prune.sparsegpt: m {config.m} does not divide the input size of "
-            f"{len(bad)} layer(s): {', '.join(bad)}"
-        )
+    check_m_divides(
+        {name: input_size(m) for name, m in modules.items()}, config.m, "prune.sparsegpt"
+    )
 
 
 @register(SparseGPTConfig, types=tuple(_SWAPS))

@@ -36,6 +36,7 @@ from slimkit.calib.capture import channel_rows
 from slimkit.calib.sequential import Group, PerInput, geometry, input_rows, quantize_sequential
 from slimkit.context import Context
 from slimkit.formats import primitives as P
+from slimkit.formats.base import Scheme
 from slimkit.quant.common import WeightQuantConfig, empty_twin
 from slimkit.registry import register
 from slimkit.select import swap_modules
@@ -58,28 +59,23 @@ def awq_scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
-def _cells(w: torch.Tensor, per_channel: bool, group_size: int | None) -> torch.Tensor:
+def _cells(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     """``w`` (O, K) viewed as (R, G, n): the cells that share one scale."""
     o, k = w.shape
-    if group_size is not None:
-        return w.reshape(o, k // group_size, group_size)  # (O, K / g, g)
-    return w.reshape(o, 1, k) if per_channel else w.reshape(1, 1, o * k)
+    if scheme.group_size is not None:
+        return w.reshape(o, k // scheme.group_size, scheme.group_size)  # (O, K / g, g)
+    return w.reshape(o, 1, k) if scheme.per_channel else w.reshape(1, 1, o * k)
 
 
 def quantize_clipped(
-    w: torch.Tensor,
-    bits: int,
-    symmetric: bool,
-    per_channel: bool = True,
-    group_size: int | None = None,
-    ratio: torch.Tensor | float = 1.0,
+    w: torch.Tensor, scheme: Scheme, ratio: torch.Tensor | float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes (O, K), scale and zero point (R, G) of ``w`` (O, K) from each cell's range
     shrunk by ``ratio`` (a number or (R, G)); values beyond the range are clamped."""
-    cells = _cells(w.float(), per_channel, group_size)  # (R, G, n)
+    cells = _cells(w.float(), scheme)  # (R, G, n)
     lo, hi = cells.amin(dim=2) * ratio, cells.amax(dim=2) * ratio  # (R, G) each
-    scale, zero = P.params_from_range(lo, hi, bits, symmetric)  # (R, G) each
-    return P.quantize(w, scale, zero, bits, symmetric), scale, zero
+    scale, zero = P.params_from_range(lo, hi, scheme.bits, scheme.symmetric)  # (R, G) each
+    return P.quantize(w, scale, zero, scheme.bits, scheme.symmetric), scale, zero
 
 
 def output_error(d: torch.Tensor, gram: torch.Tensor) -> float:
@@ -87,36 +83,27 @@ def output_error(d: torch.Tensor, gram: torch.Tensor) -> float:
     return float(((d @ gram) * d).sum())
 
 
-def cell_errors(
-    d: torch.Tensor, gram: torch.Tensor, per_channel: bool, group_size: int | None
-) -> torch.Tensor:
+def cell_errors(d: torch.Tensor, gram: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     """Each cell's own share of the output error, cross-cell terms left out: (R, G)."""
     o, k = d.shape
-    size = group_size if group_size is not None else k
+    size = scheme.group_size if scheme.group_size is not None else k
     n = k // size
     parts = d.reshape(o, n, size)  # (O, G, g)
     blocks = gram.reshape(n, size, n, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (G, g, g)
     err = torch.einsum("ogi,gij,ogj->og", parts, blocks, parts)  # (O, G)
-    if group_size is None and not per_channel:
+    if scheme.group_size is None and not scheme.per_channel:
         return err.sum().reshape(1, 1)
     return err
 
 
 def search_alpha(
-    w: torch.Tensor,
-    gram: torch.Tensor,
-    x_mean: torch.Tensor,
-    bits: int,
-    symmetric: bool,
-    per_channel: bool,
-    group_size: int | None,
-    n_grid: int,
+    w: torch.Tensor, gram: torch.Tensor, x_mean: torch.Tensor, scheme: Scheme, n_grid: int
 ) -> torch.Tensor:
     """The scale ``s`` (K,) of the grid's ``alpha`` with the smallest output error."""
     best_err, best_s = float("inf"), torch.ones(w.shape[1])
     for i in range(n_grid + 1):
         s = awq_scales(x_mean, i / n_grid)  # (K,)
-        codes, scale, zero = quantize_clipped(w * s, bits, symmetric, per_channel, group_size)
+        codes, scale, zero = quantize_clipped(w * s, scheme)
         w_hat = P.dequantize(codes, scale, zero) / s  # (O, K)
         err = output_error(w - w_hat, gram)
         if err < best_err:
@@ -124,22 +111,14 @@ def search_alpha(
     return best_s
 
 
-def search_clip(
-    w: torch.Tensor,
-    gram: torch.Tensor,
-    bits: int,
-    symmetric: bool,
-    per_channel: bool,
-    group_size: int | None,
-    n_grid: int,
-) -> torch.Tensor:
+def search_clip(w: torch.Tensor, gram: torch.Tensor, scheme: Scheme, n_grid: int) -> torch.Tensor:
     """Per-cell shrink ratio (R, G) in ``[MAX_SHRINK, 1]`` minimising each cell's error."""
     best_err: torch.Tensor | None = None
     best_ratio = torch.ones(1)
     for i in range(n_grid + 1):
         r = 1.0 - MAX_SHRINK * i / n_grid
-        codes, scale, zero = quantize_clipped(w, bits, symmetric, per_channel, group_size, r)
-        err = cell_errors(w - P.dequantize(codes, scale, zero), gram, per_channel, group_size)
+        codes, scale, zero = quantize_clipped(w, scheme, r)
+        err = cell_errors(w - P.dequantize(codes, scale, zero), gram, scheme)
         if best_err is None:
             best_err, best_ratio = err, torch.ones_like(err)
             continue
@@ -153,10 +132,7 @@ def awq_quantize(
     w: torch.Tensor,
     gram: torch.Tensor,
     x_mean: torch.Tensor,
-    bits: int,
-    symmetric: bool,
-    per_channel: bool = True,
-    group_size: int | None = None,
+    scheme: Scheme,
     n_grid: int = 20,
     clip: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -169,23 +145,23 @@ def awq_quantize(
     o, k = w.shape
     if gram.shape != (k, k) or x_mean.shape != (k,):
         raise ValueError(f"a weight of shape {(o, k)} needs a ({k}, {k}) Gram matrix and ({k},)")
-    if group_size is not None:
-        P.check_group_size(k, group_size)
+    if scheme.group_size is not None:
+        P.check_group_size(k, scheme.group_size)
     w = w.detach().float()  # (O, K)
     gram = gram.float()
-    s = search_alpha(w, gram, x_mean, bits, symmetric, per_channel, group_size, n_grid)  # (K,)
+    s = search_alpha(w, gram, x_mean, scheme, n_grid)  # (K,)
     ws = w * s  # (O, K)
-    codes, scale, zero = quantize_clipped(ws, bits, symmetric, per_channel, group_size)
+    codes, scale, zero = quantize_clipped(ws, scheme)
     if clip:
         scaled_gram = gram / (s[:, None] * s[None, :])  # (K, K): inputs x / s
-        ratio = search_clip(ws, scaled_gram, bits, symmetric, per_channel, group_size, n_grid)
-        clipped = quantize_clipped(ws, bits, symmetric, per_channel, group_size, ratio)
+        ratio = search_clip(ws, scaled_gram, scheme, n_grid)
+        clipped = quantize_clipped(ws, scheme, ratio)
         # the per-cell choice ignores cross-cell terms: keep it only if the whole improves
         if output_error(ws - P.dequantize(*clipped), scaled_gram) < output_error(
             ws - P.dequantize(codes, scale, zero), scaled_gram
         ):
             codes, scale, zero = clipped
-    return codes, scale, None if symmetric else zero, s
+    return codes, scale, None if scheme.symmetric else zero, s
 
 
 # -- config and handler --------------------------------------------------------------------
@@ -296,10 +272,7 @@ def _awq_group(group: Group, config: AWQConfig, ctx: Context) -> None:
             weight.detach().reshape(weight.shape[0], -1),
             gram,
             x_mean,
-            config.bits,
-            config.symmetric,
-            quant["per_channel"],
-            config.group_size,
+            config.scheme(),
             config.n_grid,
             config.clip,
         )

@@ -114,8 +114,11 @@ class MinMaxObserver(Observer):
             self._lo, self._hi = lo, hi
             return
         self._check_channels(self._lo, lo)
-        self._lo = torch.minimum(self._lo, lo)
-        self._hi = torch.maximum(self._hi, hi)
+        self._lo, self._hi = self._merge(lo, hi)
+
+    def _merge(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running range after a batch of range ``lo``, ``hi``."""
+        return torch.minimum(self._lo, lo), torch.maximum(self._hi, hi)
 
     def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._lo.clone(), self._hi.clone()
@@ -135,15 +138,9 @@ class MovingAverageObserver(MinMaxObserver):
         super().__init__(channel_axis)
         self.momentum = momentum
 
-    def _observe(self, x: torch.Tensor) -> None:
-        lo, hi = self._batch_range(x)
-        if not self._seen:
-            self._lo, self._hi = lo, hi
-            return
-        self._check_channels(self._lo, lo)
+    def _merge(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.momentum
-        self._lo = m * self._lo + (1.0 - m) * lo
-        self._hi = m * self._hi + (1.0 - m) * hi
+        return m * self._lo + (1.0 - m) * lo, m * self._hi + (1.0 - m) * hi
 
 
 class _SampledObserver(Observer):

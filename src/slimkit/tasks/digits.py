@@ -154,8 +154,9 @@ class DigitsTask(Task):
     default_batch = 256
     arch: ClassVar[type[nn.Module]]
     flatten: ClassVar[bool]
-    epochs: ClassVar[int]
-    lr: ClassVar[float]
+    #: training of the task model on first use (one-cycle schedule up to ``lr``)
+    epochs: ClassVar[int] = 25
+    lr: ClassVar[float] = 2e-2
 
     # -- data ------------------------------------------------------------------------------
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
@@ -319,8 +320,6 @@ class DigitsLeNet(DigitsTask):
     description = "LeNet-5-style CNN on sklearn 8x8 digits (trained on first use); top-1 accuracy"
     arch = LeNet5
     flatten = False
-    epochs = 25
-    lr = 2e-2
 
     def search_space(self) -> Any:
         """Architecture search (nas stage): 1..3 conv blocks (width, 3x3 or 5x5, standard
@@ -339,8 +338,6 @@ class DigitsMLP(DigitsTask):
     description = "LeNet-300-100 MLP on flattened sklearn 8x8 digits (trained on first use); top-1"
     arch = MLP300100
     flatten = True
-    epochs = 25
-    lr = 2e-2
 
     def search_space(self) -> Any:
         """Architecture search (nas stage): 1..3 hidden Linear layers of the listed widths."""

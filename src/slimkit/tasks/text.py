@@ -225,14 +225,19 @@ class TextEncoderTask(Task):
     def model(self) -> nn.Module:
         from transformers import AutoModel
 
+        model = self._load("model", AutoModel)
+        return model.float().eval()
+
+    def _load(self, what: str, auto: Any) -> Any:
+        """``auto.from_pretrained`` of the task's directory: local files only, no remote
+        code; a ModelError naming the directory and ``what`` when it fails."""
         try:
             with _quiet_loading():
-                model = AutoModel.from_pretrained(
+                return auto.from_pretrained(
                     str(self.model_dir), local_files_only=True, trust_remote_code=False
                 )
         except (OSError, ValueError, KeyError) as e:
-            raise ModelError(f"{self.model_dir}: cannot load the model: {_one_line(e)}") from None
-        return model.float().eval()
+            raise ModelError(f"{self.model_dir}: cannot load the {what}: {_one_line(e)}") from None
 
     def student(
         self, width: float = 1.0, depth: float = 1.0, init: str = "teacher", seed: int = 0
@@ -263,13 +268,7 @@ class TextEncoderTask(Task):
             return model.eval()
         from transformers import AutoConfig, AutoModel
 
-        try:
-            with _quiet_loading():
-                config = AutoConfig.from_pretrained(
-                    str(self.model_dir), local_files_only=True, trust_remote_code=False
-                )
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelError(f"{self.model_dir}: cannot load the config: {_one_line(e)}") from None
+        config = self._load("config", AutoConfig)
         config.num_hidden_layers = len(even_layers(config.num_hidden_layers, depth))
         with torch.random.fork_rng(devices=[]), _quiet_loading():
             torch.manual_seed(seed)
@@ -282,15 +281,7 @@ class TextEncoderTask(Task):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            try:
-                with _quiet_loading():
-                    self._tokenizer = AutoTokenizer.from_pretrained(
-                        str(self.model_dir), local_files_only=True, trust_remote_code=False
-                    )
-            except (OSError, ValueError, KeyError) as e:
-                raise ModelError(
-                    f"{self.model_dir}: cannot load the tokenizer: {_one_line(e)}"
-                ) from None
+            self._tokenizer = self._load("tokenizer", AutoTokenizer)
         return self._tokenizer
 
     # -- tokenized data --------------------------------------------------------------------
