@@ -28,14 +28,11 @@ C = TypeVar("C", bound="Config")
 
 
 class Granularity(str, enum.Enum):
-    PER_TENSOR = "per_tensor"
-    PER_CHANNEL = "per_channel"
-    PER_GROUP = "per_group"
+    PER_TENSOR, PER_CHANNEL, PER_GROUP = "per_tensor", "per_channel", "per_group"
 
 
 class Scope(str, enum.Enum):
-    LAYER = "layer"
-    GLOBAL = "global"
+    LAYER, GLOBAL = "layer", "global"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -94,18 +94,15 @@ Item = tuple[Batch, torch.Tensor | None]
 
 
 class DistillLoss(str, enum.Enum):
-    LOGITS = "logits"
-    EMBEDDING = "embedding"
+    LOGITS, EMBEDDING = "logits", "embedding"
 
 
 class EmbeddingKind(str, enum.Enum):
-    COSINE = "cosine"
-    MSE = "mse"
+    COSINE, MSE = "cosine", "mse"
 
 
 class StudentInit(str, enum.Enum):
-    TEACHER = "teacher"
-    RANDOM = "random"
+    TEACHER, RANDOM = "teacher", "random"
 
 
 @dataclasses.dataclass(frozen=True)

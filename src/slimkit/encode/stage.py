@@ -312,13 +312,11 @@ class HuffmanCoded(CompressedModule):
 
 
 class Positions(str, enum.Enum):
-    GAPS = "gaps"
-    BYTES = "bytes"
+    GAPS, BYTES = "gaps", "bytes"
 
 
 class Floats(str, enum.Enum):
-    FLOAT32 = "float32"
-    FLOAT16 = "float16"
+    FLOAT32, FLOAT16 = "float32", "float16"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -234,8 +234,7 @@ class SpatialConv2d(_FactorizedConv):
 
 # -- configs ---------------------------------------------------------------------------------
 class Allocate(str, enum.Enum):
-    UNIFORM = "uniform"
-    SENSITIVITY = "sensitivity"
+    UNIFORM, SENSITIVITY = "uniform", "sensitivity"
 
 
 @dataclasses.dataclass(frozen=True)

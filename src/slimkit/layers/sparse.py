@@ -49,9 +49,7 @@ from slimkit.spec_rules import Rule, spec_choice
 class SparseKernel(str, enum.Enum):
     """How a ``SparseLinear`` runs; ``SLIMKIT_SPARSE_KERNEL`` overrides a layer's."""
 
-    AUTO = "auto"
-    DENSE = "dense"
-    CSR = "csr"
+    AUTO, DENSE, CSR = "auto", "dense", "csr"
 
 
 SPARSE_KERNELS = tuple(k.value for k in SparseKernel)

@@ -26,7 +26,6 @@ through, its filters pruned with them.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import operator
@@ -40,6 +39,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from slimkit.data import Batch
 from slimkit.errors import DataError, ModelError
+from slimkit.model_info import eval_mode
 
 OUTPUT = "reaches the model output"
 
@@ -165,17 +165,6 @@ def _first_line(e: Exception) -> str:
     return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
 
 
-@contextlib.contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 def propagate_shapes(gm: fx.GraphModule, example: Batch) -> None:
     """Run ``gm`` once in eval mode on ``example``, recording each node's output shape."""
     if isinstance(example, dict):
@@ -186,7 +175,7 @@ def propagate_shapes(gm: fx.GraphModule, example: Batch) -> None:
         args: tuple[Any, ...] = tuple(example[str(n)] for n in names)
     else:
         args = tuple(example) if isinstance(example, tuple | list) else (example,)
-    with _eval(gm), torch.no_grad():
+    with eval_mode(gm), torch.no_grad():
         try:
             ShapeProp(gm).propagate(*args)
         except Exception as e:

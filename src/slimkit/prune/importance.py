@@ -49,12 +49,7 @@ class Unit(str, enum.Enum):
 
 
 class Criterion(str, enum.Enum):
-    MAGNITUDE = "magnitude"
-    L1 = "l1"
-    L2 = "l2"
-    TAYLOR = "taylor"
-    FPGM = "fpgm"
-    WANDA = "wanda"
+    MAGNITUDE, L1, L2, TAYLOR, FPGM, WANDA = "magnitude", "l1", "l2", "taylor", "fpgm", "wanda"
 
 
 # -- pure math ---------------------------------------------------------------------------

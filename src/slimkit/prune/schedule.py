@@ -44,8 +44,7 @@ from slimkit.train.finetune import finetune
 
 
 class Schedule(str, enum.Enum):
-    ITERATIVE = "iterative"
-    AGP = "agp"
+    ITERATIVE, AGP = "iterative", "agp"
 
 
 # -- pure math ---------------------------------------------------------------------------

@@ -169,7 +169,6 @@ def awq_quantize(
 class AWQConfig(WeightQuantConfig):
     """AWQ weight-only quantization from calibration data (see the module docstring)."""
 
-    kind = "quantize"
     method = "awq"
 
     n_grid: int = 20

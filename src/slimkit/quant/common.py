@@ -30,6 +30,8 @@ WEIGHT_SWAPS: dict[type[nn.Module], type[QuantLinear | QuantConv2d | QuantEmbedd
 class WeightQuantConfig(StageConfig):
     """Bits and granularity of integer weight codes."""
 
+    kind = "quantize"
+
     bits: int = 8
     granularity: Granularity = Granularity.PER_CHANNEL
     group_size: int | None = None

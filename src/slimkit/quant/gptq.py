@@ -168,7 +168,6 @@ class _Columns:
 class GPTQConfig(WeightQuantConfig):
     """GPTQ weight-only quantization from calibration data (see the module docstring)."""
 
-    kind = "quantize"
     method = "gptq"
 
     damp: float = 0.01

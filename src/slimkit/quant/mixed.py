@@ -65,7 +65,6 @@ class MixedConfig(WeightQuantConfig):
     it has input columns is a DataError before any layer changes.
     """
 
-    kind = "quantize"
     method = "mixed"
 
     avg_bits: float = 4.5

@@ -22,7 +22,6 @@ class RTNConfig(WeightQuantConfig):
     ``format`` names the weight format (``affine`` integer codes by default; any registered
     format made from the same bits / granularity / group size, such as ``nf4``)."""
 
-    kind = "quantize"
     method = "rtn"
 
     format: str = "affine"

@@ -145,7 +145,6 @@ def static_twin(module: nn.Module, **quant: Any) -> StaticQuantLinear | StaticQu
 class StaticQuantConfig(WeightQuantConfig):
     """Integer weights and integer activations with ranges fixed on calibration data."""
 
-    kind = "quantize"
     method = "w8a8-static"
 
     act_bits: int = 8

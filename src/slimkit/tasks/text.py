@@ -378,24 +378,25 @@ class TextEncoderTask(Task):
             del reference
         return self._reference
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def _cosines(self, model: nn.Module, batches: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``model``'s embeddings of ``batches`` (N, H) and their cosine to the reference's
+        (N,)."""
         reference = self.reference_embeddings()
         model.eval()
         with torch.inference_mode():
-            embeddings = self._embed(model, self._clean_batches())  # (N, H)
-            cosine = (embeddings * reference).sum(dim=1)  # (N,)
-            metrics = {"cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min())}
-            if self.labels is not None and len(self.eval_index) >= 2:
-                labels = [self.labels[i] for i in self.eval_index]
-                metrics["knn_accuracy"] = knn_accuracy(embeddings, labels)
+            embeddings = self._embed(model, batches)  # (N, H)
+            return embeddings, (embeddings * reference).sum(dim=1)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        embeddings, cosine = self._cosines(model, self._clean_batches())
+        metrics = {"cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min())}
+        if self.labels is not None and len(self.eval_index) >= 2:
+            labels = [self.labels[i] for i in self.eval_index]
+            metrics["knn_accuracy"] = knn_accuracy(embeddings, labels)
         return metrics
 
     def robustness(self, model: nn.Module) -> dict[str, float]:
-        reference = self.reference_embeddings()
-        model.eval()
-        with torch.inference_mode():
-            noisy = self._embed(model, self._noisy_batches())  # (N, H)
-            cosine = (noisy * reference).sum(dim=1)  # (N,)
+        _, cosine = self._cosines(model, self._noisy_batches())
         return {f"token_drop_{DROP_RATE}": float(cosine.mean())}
 
 

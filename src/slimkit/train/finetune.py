@@ -57,8 +57,7 @@ class OptimizerName(str, enum.Enum):
 
 
 class LRSchedule(str, enum.Enum):
-    CONSTANT = "constant"
-    COSINE = "cosine"
+    CONSTANT, COSINE = "constant", "cosine"
 
 
 def lr_at(lr: float, step: int, total: int, schedule: LRSchedule | str) -> float:
