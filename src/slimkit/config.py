@@ -123,6 +123,14 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{where}: got {value!r}; allowed: a list")
         (arm, *_rest) = typing.get_args(hint)
         return tuple(_coerce(f"{where}[{i}]", v, arm) for i, v in enumerate(value))
+    if origin is typing.Literal:
+        allowed = list(typing.get_args(hint))
+        if value in allowed:
+            return value
+        raise ConfigError(
+            f"{where}: got {value!r}{did_you_mean(str(value), allowed)}; "
+            f"allowed: {', '.join(map(str, allowed))}"
+        )
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         if isinstance(value, hint):
             return value

@@ -21,8 +21,7 @@ can be coded.
 from __future__ import annotations
 
 import dataclasses
-import enum
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -311,14 +310,6 @@ class HuffmanCoded(CompressedModule):
         return state
 
 
-class Positions(str, enum.Enum):
-    GAPS, BYTES = "gaps", "bytes"
-
-
-class Floats(str, enum.Enum):
-    FLOAT32, FLOAT16 = "float32", "float16"
-
-
 @dataclasses.dataclass(frozen=True)
 class HuffmanConfig(StageConfig):
     """Huffman-code the integer streams of k-means, quantized and sparse layers: the kept
@@ -330,15 +321,15 @@ class HuffmanConfig(StageConfig):
     kind = "encode"
     method = "huffman"
 
-    positions: Positions = Positions.GAPS
-    floats: Floats = Floats.FLOAT32
+    positions: Literal["gaps", "bytes"] = "gaps"
+    floats: Literal["float32", "float16"] = "float32"
 
 
 @register(HuffmanConfig, types=stream_layers)
 def apply_huffman(model: nn.Module, config: HuffmanConfig, ctx: Context) -> nn.Module:
     def make(name: str, module: nn.Module) -> nn.Module:
         assert isinstance(module, CompressedModule)
-        return HuffmanCoded.wrap(module, config.positions.value, config.floats.value)
+        return HuffmanCoded.wrap(module, config.positions, config.floats)
 
     swap_modules(model, ctx.names, make)
     return model

@@ -104,12 +104,13 @@ def space_of(task: Task | None) -> SearchSpace:
     if task is None:
         raise ConfigError("nas.evolution: needs a task (its search_space() and train_data())")
     make = getattr(task, "search_space", None)
-    if not callable(make):
+    space = make() if callable(make) else None
+    if space is None:
         raise ConfigError(
             f"nas.evolution: task {task.name!r} declares no search space "
             "(search_space()); tasks with one: digits-lenet, digits-mlp"
         )
-    return make()  # type: ignore[no-any-return]
+    return space  # type: ignore[no-any-return]
 
 
 def limits_for(config: NasConfig, baseline: nn.Module, example: Any) -> Limits:

@@ -157,6 +157,14 @@ class DigitsTask(Task):
     #: training of the task model on first use (one-cycle schedule up to ``lr``)
     epochs: ClassVar[int] = 25
     lr: ClassVar[float] = 2e-2
+    #: the architecture search space's choices (``SearchSpace`` arguments but the classes)
+    space: ClassVar[dict[str, Any] | None] = None
+
+    def search_space(self) -> Any:
+        """The architecture search space of the nas stage (see ``space``), or None."""
+        from slimkit.tasks.searched import SearchSpace
+
+        return None if self.space is None else SearchSpace(num_classes=10, **self.space)
 
     # -- data ------------------------------------------------------------------------------
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
@@ -321,16 +329,13 @@ class DigitsLeNet(DigitsTask):
     arch = LeNet5
     flatten = False
 
-    def search_space(self) -> Any:
-        """Architecture search (nas stage): 1..3 conv blocks (width, 3x3 or 5x5, standard
-        or depthwise-separable), 1..2 hidden Linear layers."""
-        from slimkit.tasks.searched import SearchSpace
-
-        return SearchSpace(
-            "cnn", (1, 8, 8), 10, hidden=(16, 24, 32, 48, 64, 96, 128), fc_depth=(1, 2),
-            channels=(4, 8, 12, 16, 24, 32), kernels=(3, 5), separable=(False, True),
-            conv_depth=(1, 3),
-        )  # fmt: skip
+    #: architecture search (nas stage): 1..3 conv blocks (width, 3x3 or 5x5, standard or
+    #: depthwise-separable), 1..2 hidden Linear layers
+    space: ClassVar[dict[str, Any]] = {
+        "kind": "cnn", "in_shape": (1, 8, 8), "hidden": (16, 24, 32, 48, 64, 96, 128),
+        "fc_depth": (1, 2), "channels": (4, 8, 12, 16, 24, 32), "kernels": (3, 5),
+        "separable": (False, True), "conv_depth": (1, 3),
+    }  # fmt: skip
 
 
 class DigitsMLP(DigitsTask):
@@ -339,9 +344,8 @@ class DigitsMLP(DigitsTask):
     arch = MLP300100
     flatten = True
 
-    def search_space(self) -> Any:
-        """Architecture search (nas stage): 1..3 hidden Linear layers of the listed widths."""
-        from slimkit.tasks.searched import SearchSpace
-
-        hidden = (16, 32, 48, 64, 100, 128, 200, 300)
-        return SearchSpace("mlp", (64,), 10, hidden=hidden, fc_depth=(1, 3))
+    #: architecture search (nas stage): 1..3 hidden Linear layers of the listed widths
+    space: ClassVar[dict[str, Any]] = {
+        "kind": "mlp", "in_shape": (64,), "hidden": (16, 32, 48, 64, 100, 128, 200, 300),
+        "fc_depth": (1, 3),
+    }  # fmt: skip
