@@ -153,7 +153,8 @@ class DigitsTask(Task):
     modality = "image"
     default_batch = 256
     arch: ClassVar[type[nn.Module]]
-    flatten: ClassVar[bool]
+    #: whether the model takes the 64 pixels flat rather than as a 1x8x8 image
+    flatten: ClassVar[bool] = False
     #: training of the task model on first use (one-cycle schedule up to ``lr``)
     epochs: ClassVar[int] = 25
     lr: ClassVar[float] = 2e-2
@@ -327,7 +328,6 @@ class DigitsLeNet(DigitsTask):
     name = "digits-lenet"
     description = "LeNet-5-style CNN on sklearn 8x8 digits (trained on first use); top-1 accuracy"
     arch = LeNet5
-    flatten = False
 
     #: architecture search (nas stage): 1..3 conv blocks (width, 3x3 or 5x5, standard or
     #: depthwise-separable), 1..2 hidden Linear layers

@@ -104,7 +104,6 @@ class DigitsResNet(DigitsTask):
         "(trained on first use); top-1"
     )
     arch = MiniResNet
-    flatten = False
     epochs = 8
     lr = 1e-2
 
