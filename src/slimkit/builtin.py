@@ -11,6 +11,7 @@ import slimkit.distill.stage
 import slimkit.encode.stage
 import slimkit.factorize.stage
 import slimkit.formats.nf4
+import slimkit.formats.sparse
 import slimkit.nas.stage
 import slimkit.prune.magnitude
 import slimkit.prune.nm

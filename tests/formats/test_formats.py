@@ -28,10 +28,11 @@ from slimkit.formats.base import WeightFormat, check_format, format_from_spec
 from slimkit.formats.bitmask import unpack_mask
 from slimkit.formats.codebook import CodebookFormat, SparseCodebookFormat
 from slimkit.formats.nf4 import LEVELS, NF4Format
+from slimkit.formats.sparse import SparseFormat
 from slimkit.layers.weight import FormatLinear, FormatWeight, format_layer
 
 #: the formats drawn: 8-bit affine codes are stored unpacked, so they get a case of their own
-KINDS = ["affine", "affine-int8", "nf4", "codebook", "sparse-codebook"]
+KINDS = ["affine", "affine-int8", "nf4", "codebook", "sparse-codebook", "sparse"]
 GRANULARITIES = list(Granularity)
 PROPERTY = settings(max_examples=15, deadline=None)
 #: the largest distance between neighbouring NF4 levels (normalized units)
@@ -81,6 +82,8 @@ def _make_format(draw: st.DrawFn, kind: str, w: torch.Tensor) -> WeightFormat:
         return AffineFormat(shape, bits, draw(st.booleans()), granularity, group_size, scaled)
     if kind == "nf4":
         return NF4Format(shape, *draw(groupings(shape)))
+    if kind == "sparse":
+        return SparseFormat(shape, int((w != 0).sum()))
     bits = draw(st.sampled_from([1, 2, 3, 4, 8]))  # 1, 2, 4: whole-byte packing; 3: bit planes
     if kind == "codebook":
         return CodebookFormat(shape, bits)
@@ -211,7 +214,7 @@ def test_streams_round_trip_bit_exactly(kind: str, data: st.DataObject) -> None:
     for name, tensor in back.items():
         assert tensor.dtype == t[name].dtype and torch.equal(tensor, t[name]), name
     masks = [s for s in streams if s.bitmask]
-    if isinstance(fmt, SparseCodebookFormat):
+    if isinstance(fmt, SparseCodebookFormat | SparseFormat):
         assert [s.name for s in masks] == ["mask"]
         assert masks[0].n_weights == w.numel() and masks[0].bits == 8
     else:
@@ -263,6 +266,9 @@ BAD_SPECS = [
     ({"kind": "nf4", "bits": 4}, "unknown key 'bits'"),
     ({"kind": "codebook", "bits": 9}, "bits"),
     ({"kind": "sparse-codebook", "bits": 2, "nnz": 65}, "nnz"),
+    ({"kind": "sparse", "nnz": 65}, "nnz"),
+    ({"kind": "sparse", "nnz": 8, "pattern": "4:2"}, "pattern"),
+    ({"kind": "sparse", "nnz": 8, "bits": 4}, "unknown key 'bits'"),
 ]
 
 
@@ -284,6 +290,8 @@ BAD_OPTIONS: list[tuple[Callable[[], WeightFormat], str]] = [
     (lambda: NF4Format(SHAPE, Granularity.PER_TENSOR, 64), "group_size"),
     (lambda: CodebookFormat(SHAPE, bits=0), "bits"),
     (lambda: SparseCodebookFormat(SHAPE, bits=2, nnz=65), "nnz"),
+    (lambda: SparseFormat(SHAPE, nnz=-1), "nnz"),
+    (lambda: SparseFormat(SHAPE, nnz=8, pattern="2:2"), "pattern"),
 ]
 
 
@@ -291,6 +299,30 @@ BAD_OPTIONS: list[tuple[Callable[[], WeightFormat], str]] = [
 def test_constructors_refuse_bad_options(make: Callable[[], WeightFormat], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@PROPERTY
+@given(data=st.data())
+def test_sparse_format_is_exact_on_the_kept_weights(data: st.DataObject) -> None:
+    fmt, w = data.draw(cases("sparse"))
+    t = fmt.encode(w)
+    assert torch.equal(fmt.decode(t), w)  # every nonzero kept, in place, bit for bit
+    assert fmt.n_values() == int((w != 0).sum())
+    fmt.verify(t)
+
+
+def test_sparse_format_checks_counts_and_patterns() -> None:
+    w = torch.tensor([[1.0, 0.0, 2.0, 0.0], [0.0, 3.0, 0.0, 4.0]])
+    fmt = SparseFormat((2, 4), 4, "2:4")
+    t = fmt.encode(w)
+    with pytest.raises(ValueError, match="3 weights kept, the format holds 4"):
+        SparseFormat((2, 4), 4).encode(w, w.abs() > 1.5)
+    with pytest.raises(ValueError, match="1:2 pattern"):
+        SparseFormat((2, 4), 4, "1:2").encode(torch.tensor([[1.0, 2.0, 0.0, 0.0], [3.0] * 4]))
+    with pytest.raises(ValueError, match="keeps 2 weights"):
+        fmt.verify({**t, "mask": torch.tensor([0b0101], dtype=torch.uint8)})
+    assert fmt.spec() == {"kind": "sparse", "nnz": 4, "pattern": "2:4"}
+    assert SparseFormat((2, 4), 4).spec() == {"kind": "sparse", "nnz": 4}
 
 
 @pytest.mark.parametrize("kind", ["affine", "nf4", "codebook"])

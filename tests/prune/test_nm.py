@@ -18,7 +18,8 @@ from torch import nn
 import slimkit
 import slimkit.prune.nm  # registers method "nm"
 from slimkit.errors import ConfigError, DataError, RecipeError
-from slimkit.layers.sparse import SparseConv2d, SparseLinear, parse_pattern
+from slimkit.formats.sparse import parse_pattern
+from slimkit.layers.sparse import SparseConv2d, SparseLinear
 from slimkit.prune.importance import magnitude_scores
 from slimkit.prune.nm import NMConfig, nm_keep
 from slimkit.recipe import Recipe, shipped_dir

@@ -17,6 +17,7 @@ from torch import nn
 import slimkit
 from slimkit.errors import ConfigError
 from slimkit.evaluate.memory import resident_bytes
+from slimkit.formats.bitmask import pack_mask
 from slimkit.layers import sparse
 from slimkit.layers.sparse import SparseConv2d, SparseLinear, row_bucket, time_kernels, to_sparse
 from slimkit.prune.schedule import GradualConfig
@@ -89,7 +90,7 @@ def test_csr_rebuilds_after_the_mask_or_values_change() -> None:
         assert_close(a(x), b(x))
         keep = a.dense_weight() != 0
         moved = keep.roll(1, dims=1)  # same count, other positions: a mask copied in place
-        a.mask.copy_(sparse.pack_mask(moved.reshape(-1)))
+        a.mask.copy_(pack_mask(moved.reshape(-1)))
         w = torch.zeros(8, 16)
         w[moved] = a.values
         assert_close(a(x), F.linear(x, w, a.bias))

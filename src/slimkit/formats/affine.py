@@ -28,7 +28,7 @@ from slimkit.compressed import StreamKind
 from slimkit.config import Granularity
 from slimkit.formats import packing
 from slimkit.formats import primitives as P
-from slimkit.formats.base import Scheme, Slot, Stream, Tensors, WeightFormat, register_format
+from slimkit.formats.base import Scheme, Slot, Stream, Tensors, WeightFormat
 
 
 def scale_shape(shape: tuple[int, ...], per_channel: bool, group_size: int | None) -> tuple:
@@ -40,16 +40,10 @@ def scale_shape(shape: tuple[int, ...], per_channel: bool, group_size: int | Non
     return (shape[0], 1) if per_channel else (1, 1)
 
 
-@register_format
 @dataclasses.dataclass(frozen=True)
-class AffineFormat(WeightFormat):
+class AffineFormat(WeightFormat, kind="affine", packed=("qweight",), stream_count=1):
     """Integer codes of ``bits`` bits with scales (see the module docstring)."""
 
-    kind = "affine"
-    packed = ("qweight",)
-    stream_count = 1
-
-    shape: tuple[int, ...]
     bits: int = 8
     symmetric: bool = True
     granularity: Granularity = Granularity.PER_CHANNEL

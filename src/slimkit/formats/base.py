@@ -7,8 +7,10 @@ passes them back in a mapping to every other method. This keeps a format pure: `
 turns a float weight into tensors, ``decode`` turns tensors back into the float weight, and
 ``streams`` lists the integer streams an entropy coder may code instead.
 
-Formats are registered by ``kind`` (:func:`register_format`); a layer's spec records
-``{"kind": ..., **options}`` and :func:`format_from_spec` rebuilds the format from it.
+A format class names its ``kind`` (and its ``packed`` tensors and ``stream_count``) in its
+class statement, which registers it: ``class NF4Format(WeightFormat, kind="nf4", ...)``.
+A layer's spec records ``{"kind": ..., **options}``; :func:`format_from_spec` rebuilds the
+format from it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -25,6 +27,7 @@ from slimkit.config import Granularity
 from slimkit.spec_rules import Rule, check_spec
 
 Tensors = Mapping[str, torch.Tensor]
+_FORMATS: dict[str, type[WeightFormat]] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +58,10 @@ class Slot:
         return torch.full(self.shape, self.fill, dtype=self.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
 class WeightFormat:
     """Base of the weight formats (see the module docstring). Subclasses are frozen
-    dataclasses whose first field is ``shape``."""
+    dataclasses; their fields follow ``shape``."""
 
     kind: ClassVar[str]
     #: rules for the spec keys of this format (see ``slimkit.spec_rules``)
@@ -67,6 +71,22 @@ class WeightFormat:
     #: how many integer streams ``streams`` returns
     stream_count: ClassVar[int] = 0
     shape: tuple[int, ...]
+
+    def __init_subclass__(
+        cls,
+        kind: str | None = None,
+        packed: tuple[str, ...] | None = None,
+        stream_count: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        if packed is not None:
+            cls.packed = packed
+        if stream_count is not None:
+            cls.stream_count = stream_count
+        if kind is not None:
+            cls.kind = kind
+            _FORMATS[kind] = cls
 
     def _granularity(self) -> None:
         """Turn a granularity given as text into the enum (ValueError for other text)."""
@@ -154,16 +174,6 @@ class WeightFormat:
         """The format for a weight of ``shape`` quantized as ``scheme`` says (a recipe's
         bits, granularity, group size, symmetry); ValueError when it cannot hold it."""
         raise ValueError(f"the {cls.kind} format is not made from a quantization scheme")
-
-
-FormatT = TypeVar("FormatT", bound=type[WeightFormat])
-_FORMATS: dict[str, type[WeightFormat]] = {}
-
-
-def register_format(cls: FormatT) -> FormatT:
-    """Class decorator: make the format known by its ``kind`` (for specs and recipes)."""
-    _FORMATS[cls.kind] = cls
-    return cls
 
 
 def format_class(kind: str) -> type[WeightFormat] | None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from slimkit.compressed import StreamKind
 from slimkit.formats import packing
-from slimkit.formats.base import Slot, Stream, Tensors, WeightFormat, register_format
+from slimkit.formats.base import Slot, Stream, Tensors, WeightFormat
 from slimkit.formats.bitmask import check_mask, pack_mask, unpack_mask
 
 MIN_BITS, MAX_BITS = 1, 8
@@ -168,16 +168,10 @@ def cluster_sse(values: torch.Tensor, centroids: torch.Tensor, indices: torch.Te
     return float((err * err).sum())
 
 
-@register_format
 @dataclasses.dataclass(frozen=True)
-class CodebookFormat(WeightFormat):
+class CodebookFormat(WeightFormat, kind="codebook", packed=("indices",), stream_count=1):
     """A ``2**bits``-value codebook and a packed index per weight."""
 
-    kind = "codebook"
-    packed = ("indices",)
-    stream_count = 1
-
-    shape: tuple[int, ...]
     bits: int = 4
 
     def __post_init__(self) -> None:
@@ -237,13 +231,9 @@ class CodebookFormat(WeightFormat):
         return f"{self.bits}-bit k-means codebook ({k} shared values), indices packed"
 
 
-@register_format
 @dataclasses.dataclass(frozen=True)
-class SparseCodebookFormat(CodebookFormat):
+class SparseCodebookFormat(CodebookFormat, kind="sparse-codebook", stream_count=2):
     """A codebook over the ``nnz`` kept weights of a sparse weight, with its bitmask."""
-
-    kind = "sparse-codebook"
-    stream_count = 2
 
     nnz: int = 0
 

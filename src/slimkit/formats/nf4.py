@@ -23,7 +23,7 @@ from slimkit.compressed import StreamKind
 from slimkit.config import Granularity
 from slimkit.formats import packing
 from slimkit.formats.affine import scale_shape
-from slimkit.formats.base import Scheme, Slot, Stream, Tensors, WeightFormat, register_format
+from slimkit.formats.base import Scheme, Slot, Stream, Tensors, WeightFormat
 
 BITS = 4
 #: QLoRA's choice: the outermost quantile level sits at this probability
@@ -45,16 +45,10 @@ LEVELS = nf4_levels()
 _CUTS = (LEVELS[1:] + LEVELS[:-1]) / 2
 
 
-@register_format
 @dataclasses.dataclass(frozen=True)
-class NF4Format(WeightFormat):
+class NF4Format(WeightFormat, kind="nf4", packed=("indices",), stream_count=1):
     """4-bit NormalFloat levels with one absmax scale per group (see the module docstring)."""
 
-    kind = "nf4"
-    packed = ("indices",)
-    stream_count = 1
-
-    shape: tuple[int, ...]
     granularity: Granularity = Granularity.PER_GROUP
     group_size: int | None = 64
 

@@ -1,10 +1,6 @@
-"""Sparse layers: the kept weights + a packed bitmask, so size on disk falls with density.
-
-A layer may declare an N:M ``pattern`` ("2:4": in every group of M consecutive weights of an
-output row, the row flattened as C_in / groups * kh * kw for a Conv2d, exactly N are kept);
-the mask is then checked against it when the layer is built, and the spec records it. Per
-group the bitmask takes M bits where in-group indices would take ``N * ceil(log2(M))``: the
-same for 2:4, less for 4:8, more for sparser patterns such as 1:4.
+"""Sparse layers: Linear and Conv2d whose weight is held in the sparse format (the kept
+weights + a packed bitmask, with an optional N:M pattern: :mod:`slimkit.formats.sparse`), so
+the size on disk falls with the density. The spec records ``nnz`` and the pattern.
 
 ``SparseConv2d`` executes with the dense float kernel (the dense weight is rebuilt once, after
 loading, and kept). ``SparseLinear`` has a ``kernel`` (in its spec; ``SLIMKIT_SPARSE_KERNEL``
@@ -28,6 +24,7 @@ kernel runs, whatever the setting.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import os
 import statistics
@@ -40,9 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimkit.compressed import CompressedModule, Stream, StreamKind, compressed_module
-from slimkit.formats.bitmask import check_mask, pack_mask, unpack_mask
+from slimkit.compressed import compressed_module
+from slimkit.formats.base import WeightFormat
+from slimkit.formats.bitmask import unpack_mask
+from slimkit.formats.sparse import SparseFormat
 from slimkit.layers.shapes import Conv2dOp, LinearOp, check_twins
+from slimkit.layers.weight import FormatWeight
 from slimkit.spec_rules import Rule, spec_choice
 
 
@@ -93,52 +93,58 @@ def time_kernels(runs: dict[str, Callable[[], object]], repeats: int = 3) -> dic
     return out
 
 
-def parse_pattern(pattern: str) -> tuple[int, int]:
-    """``(n, m)`` of an ``"N:M"`` pattern with ``0 < N < M``; ValueError otherwise."""
-    n_text, sep, m_text = pattern.partition(":")
-    if sep and n_text.isdigit() and m_text.isdigit() and 0 < int(n_text) < int(m_text):
-        return int(n_text), int(m_text)
-    raise ValueError(f"pattern {pattern!r} is not 'N:M' with 0 < N < M")
+class _SparseWeight(FormatWeight):
+    """A layer whose weight is held in the sparse format (:class:`SparseFormat`), with the
+    spec keys of its first version; the dense weight is built once and kept."""
 
-
-def check_pattern(keep: torch.Tensor, pattern: str) -> None:
-    """ValueError unless ``keep`` (C_out, ...) keeps exactly N of each M consecutive
-    positions of every flattened output row."""
-    n, m = parse_pattern(pattern)
-    rows = keep.reshape(keep.shape[0], -1)  # (C_out, K)
-    if rows.shape[1] % m or not bool((rows.reshape(len(rows), -1, m).sum(-1) == n).all()):
-        raise ValueError(f"the mask does not follow the {pattern} pattern")
-
-
-class _SparseWeight(CompressedModule):
-    has_streams = True
+    format: SparseFormat
+    runs_as = "run with the dense kernel"
     values: torch.Tensor
     mask: torch.Tensor
     dense: torch.Tensor | None
 
+    @classmethod
+    def format_class(cls, spec: dict[str, Any]) -> type[WeightFormat]:
+        return SparseFormat
+
     def _init_storage(self, shape: tuple[int, ...], nnz: int, pattern: str | None = None) -> None:
-        if pattern is not None:
-            parse_pattern(pattern)
-        self.weight_shape = tuple(shape)
-        self.pattern = pattern
-        numel = int(torch.Size(shape).numel())
-        self.register_buffer("values", torch.zeros(nnz))
-        self.register_buffer("mask", torch.zeros((numel + 7) // 8, dtype=torch.uint8))
+        self._init_format(SparseFormat(tuple(shape), nnz, pattern))
         self.register_buffer("dense", None, persistent=False)
+
+    @property
+    def pattern(self) -> str | None:
+        return self.format.pattern
+
+    def storage_spec(self) -> dict[str, Any]:
+        return self.format.options()
+
+    def store(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().store(tensors)
+        self._reset_caches()
+        self._forget_choices()
 
     def set_weight(self, w: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """Store the weights of ``w`` that ``keep`` marks (its nonzeros when ``keep`` is None);
-        the layer must have been built with their count, and ``keep`` must follow its
-        pattern when it has one."""
-        if keep is None:
-            keep = w.detach() != 0
-        if self.pattern is not None:
-            check_pattern(keep.reshape(self.weight_shape), self.pattern)
-        flat = keep.reshape(-1)
-        self.values = w.detach().reshape(-1)[flat].float().clone()
-        self.mask = pack_mask(flat)
-        self._reset_caches()
-        self._forget_choices()
+        ``keep`` must follow the layer's pattern when it has one. A count other than the
+        layer's resizes it."""
+        keep = w.detach() != 0 if keep is None else keep
+        nnz = int(keep.sum())
+        if nnz != self.format.nnz:
+            self._init_format(dataclasses.replace(self.format, nnz=nnz))
+        self.store(self.format.encode(w, keep))
+
+    @classmethod
+    def from_float(
+        cls, m: nn.Module, keep: torch.Tensor | None = None, **options: Any
+    ) -> _SparseWeight:
+        """The layer holding ``m``'s weights marked by ``keep`` (default: its nonzeros);
+        ``options``: ``pattern``, and a Linear's ``kernel``."""
+        w = m.weight
+        assert isinstance(w, torch.Tensor)
+        nnz = int((w != 0).sum() if keep is None else keep.sum())
+        s: _SparseWeight = cls.empty_like(m, nnz=nnz, **options)  # type: ignore[attr-defined]
+        s.set_weight(w, keep)
+        return s
 
     def _reset_caches(self) -> None:
         """Drop what is derived from values + mask (rebuilt when next needed)."""
@@ -150,20 +156,13 @@ class _SparseWeight(CompressedModule):
     def dense_weight(self) -> torch.Tensor:
         """The dense weight, built once and kept; while the values are a parameter
         (:meth:`values_to_parameter`) it is rebuilt on every call, differentiably."""
-        numel = int(torch.Size(self.weight_shape).numel())
         if isinstance(self.values, nn.Parameter):
-            keep = unpack_mask(self.mask, numel)  # (numel,)
-            w = self.values.new_zeros(numel).masked_scatter(keep, self.values)
-            return w.reshape(self.weight_shape)
+            return super().dense_weight()
         if self.dense is None:
-            self.dense = self._build_dense()
+            self.dense = self.format.decode(
+                {"values": self.values.detach(), "mask": self.mask}, self.unpacked()
+            )
         return self.dense
-
-    def _build_dense(self) -> torch.Tensor:
-        numel = int(torch.Size(self.weight_shape).numel())
-        w = torch.zeros(numel, dtype=self.values.dtype)
-        w[unpack_mask(self.mask, numel)] = self.values.detach()
-        return w.reshape(self.weight_shape)
 
     # -- fine-tuning: the kept values become a parameter for a while ---------------------
     def values_to_parameter(self) -> nn.Parameter:
@@ -187,60 +186,11 @@ class _SparseWeight(CompressedModule):
         super()._load_from_state_dict(*args, **kwargs)
         self._reset_caches()
 
-    # -- integer streams (for entropy coding) ------------------------------------------------
-    @classmethod
-    def stream_count(cls, spec: dict[str, Any]) -> int:
-        return 1
-
-    def stream_kinds(self) -> list[StreamKind]:
-        """The packed keep-mask, one symbol per mask byte."""
-        numel = int(torch.Size(self.weight_shape).numel())
-        return [StreamKind("mask", 8, bitmask=True, n_weights=numel)]
-
-    def streams(self) -> list[Stream]:
-        return [self.stream_kinds()[0].of(self.mask.clone())]
-
-    def set_streams(self, symbols: list[torch.Tensor]) -> None:
-        self.mask.copy_(symbols[0])
-        self._reset_caches()
-
-    def n_params(self) -> int:
-        return self.values.numel()
-
-    def verify(self) -> None:
-        numel = int(torch.Size(self.weight_shape).numel())
-        check_mask(self.mask, numel, self.values.numel())
-        if self.pattern is not None:
-            keep = unpack_mask(self.mask, numel).reshape(self.weight_shape)
-            check_pattern(keep, self.pattern)
-
     def density(self) -> float:
         return self.values.numel() / max(1, int(torch.Size(self.weight_shape).numel()))
 
-    def describe(self) -> str:
-        return f"{self.storage_text()}, run with the dense kernel"
-
     def storage_text(self) -> str:
-        kind = f"{self.pattern} semi-structured sparse" if self.pattern else "sparse"
-        return f"{kind} weights (values + bitmask) on disk"
-
-    def storage_spec(self) -> dict[str, Any]:
-        """``nnz``, and ``pattern`` for an N:M layer (older specs have none)."""
-        pattern = {} if self.pattern is None else {"pattern": self.pattern}
-        return {"nnz": self.values.numel(), **pattern}
-
-    @classmethod
-    def from_float(
-        cls, m: nn.Module, keep: torch.Tensor | None = None, **options: Any
-    ) -> _SparseWeight:
-        """The layer holding ``m``'s weights marked by ``keep`` (default: its nonzeros);
-        ``options``: ``pattern``, and a Linear's ``kernel``."""
-        w = m.weight
-        assert isinstance(w, torch.Tensor)
-        nnz = int((w != 0).sum() if keep is None else keep.sum())
-        s: _SparseWeight = cls.empty_like(m, nnz=nnz, **options)  # type: ignore[attr-defined]
-        s.set_weight(w, keep)
-        return s
+        return self.format.describe()
 
 
 @compressed_module
