@@ -15,13 +15,13 @@ import slimkit
 from slimkit.compressed import count_params, is_simulated, module_class
 from slimkit.errors import ConfigError, DataError
 from slimkit.formats import primitives as P
+from slimkit.layers.activations import quantize_activation
 from slimkit.layers.quantized import QuantLinear
 from slimkit.quant.observers import OBSERVERS
 from slimkit.quant.static import (
     StaticQuantConfig,
     StaticQuantConv2d,
     StaticQuantLinear,
-    quantize_activation,
 )
 from slimkit.recipe import Recipe, shipped_dir
 
