@@ -2,7 +2,7 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
-EXTRAS  ?= dev,text,onnx
+EXTRAS  ?= dev,text,deploy
 comma   := ,
 STAMP   := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
@@ -34,7 +34,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/slimkit demo --out slimkit-demo
 
 bench:
-	$(MAKE) EXTRAS=dev,text,onnx,bench setup
+	$(MAKE) EXTRAS=dev,text,deploy,bench setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/run_all.py
 
 clean:

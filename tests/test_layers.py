@@ -47,6 +47,7 @@ FLOORS: dict[str, int] = {
             "tasks",
             "io",
             "evaluate",
+            "deploy",
             "pipeline",
         ),
         1,

@@ -1,10 +1,11 @@
 """slimkit: make trained PyTorch models smaller and faster, with a measured loss of quality.
 
-Public verbs: ``compress``, ``save``, ``load``, ``evaluate``; tasks via ``slimkit.tasks.get``.
+Public verbs: ``compress``, ``save``, ``load``, ``export``, ``evaluate``; tasks via
+``slimkit.tasks.get``.
 """
 
 from slimkit._version import __version__
-from slimkit.api import compress, evaluate, load, save
+from slimkit.api import compress, evaluate, export, load, save
 from slimkit.config import Config, Granularity, Scope, StageConfig
 from slimkit.constructible import register_constructible
 from slimkit.errors import SlimkitError
@@ -21,6 +22,7 @@ __all__ = [
     "__version__",
     "compress",
     "evaluate",
+    "export",
     "load",
     "register",
     "register_constructible",

@@ -79,6 +79,21 @@ def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Mod
     return artifact.load(path, model=model)
 
 
+def export(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    format: str = "onnx",
+    example: Any = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` as a runtime's own model (``onnx`` or ``openvino``) into the directory
+    ``path``, its weights kept in their compressed form; ``example``: one batch of inputs."""
+    from slimkit.deploy import export as write
+
+    return write(model, path, format, example, overwrite=overwrite)
+
+
 def evaluate(model: nn.Module, task: Task | str, *, runs: int = 10) -> Result:
     """Task metrics, size on disk, params, MACs, latency, memory and robustness of ``model``."""
     from slimkit.evaluate.runner import evaluate_model

@@ -31,7 +31,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from slimkit import pipeline
-from slimkit.errors import SlimkitError, TaskError
+from slimkit.errors import ConfigError, SlimkitError, TaskError
 from slimkit.recipe import Recipe, resolve
 
 if TYPE_CHECKING:
@@ -203,16 +203,10 @@ def eval_cmd(
     threads: ThreadsOpt = None,
 ) -> None:
     """Evaluate an artifact beside its task's fp32 baseline."""
-    from slimkit import tasks
     from slimkit.io.artifact import load, read_manifest
 
     manifest = read_manifest(artifact)
-    if task is not None:
-        the_task = _make_task(task, model_dir, data)
-    elif "task" in manifest["source"]:
-        the_task = tasks.from_source(manifest["source"])
-    else:
-        raise TaskError(f"{artifact} records no task; pass --task")
+    the_task = _artifact_task(artifact, manifest, task, model_dir, data)
     recipe_name = (manifest.get("recipe") or {}).get("name")
     with _signals_raise(), _baseline_dir(artifact, elsewhere=True) as tmp, _progress() as step:
         step(f"loading {artifact}")
@@ -221,6 +215,51 @@ def eval_cmd(
         candidate = _candidate(recipe_name or artifact.name, model, artifact, recipe_name)
         report = _evaluate(the_task, [baseline, candidate], runs, batch, threads, step)
     _show(report)
+
+
+@app.command("export")
+def export_cmd(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="onnx or openvino.")] = "onnx",
+    task: Annotated[str | None, typer.Option("--task", "-t", help="Task of the inputs.")] = None,
+    model_dir: ModelDirOpt = None,
+    data: DataOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an export.")] = False,
+) -> None:
+    """Export an artifact to a runtime's own model, its weights kept compressed."""
+    from slimkit.deploy import FORMATS, export, exported_files
+    from slimkit.io.artifact import load, read_manifest
+
+    if format not in FORMATS:
+        raise ConfigError(f"--format {format!r}; allowed: {', '.join(FORMATS)}")
+    manifest = read_manifest(artifact)
+    the_task = _artifact_task(artifact, manifest, task, model_dir, data)
+    with _signals_raise(), _progress() as step:
+        step(f"loading {artifact}")
+        model = load(artifact)
+        step(f"exporting to {format}")
+        path = export(model, out, format, the_task.example_inputs(), overwrite=overwrite)
+    for name, size in exported_files(path).items():
+        console.print(f"{path / name}: {size:,} bytes")
+
+
+def _artifact_task(
+    artifact: Path,
+    manifest: dict[str, object],
+    task: str | None,
+    model_dir: Path | None,
+    data: Path | None,
+) -> Task:
+    """The task named by ``--task``, else the one the artifact records."""
+    from slimkit import tasks
+
+    if task is not None:
+        return _make_task(task, model_dir, data)
+    source = manifest["source"]
+    if isinstance(source, dict) and "task" in source:
+        return tasks.from_source(source)
+    raise TaskError(f"{artifact} records no task; pass --task")
 
 
 @app.command("demo")

@@ -119,6 +119,11 @@ class CompressedModule(nn.Module):
         """The weight this layer computes with, as a dense float tensor."""
         raise NotImplementedError
 
+    def deployed(self) -> nn.Module:
+        """The layer an exporter writes in place of this one (a wrapper's restored inner
+        layer); this layer itself by default."""
+        return self
+
 
 class ComposedModule(CompressedModule):
     """A compressed layer made of standard float layers (factorized, depthwise-separable):

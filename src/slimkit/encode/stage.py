@@ -275,6 +275,10 @@ class HuffmanCoded(CompressedModule):
         self._restore()
         return self.inner(*args, **kwargs)
 
+    def deployed(self) -> nn.Module:
+        self._restore()
+        return self.inner.deployed()
+
     def spec(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "inner_type": type(self.inner).__name__,

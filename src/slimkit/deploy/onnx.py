@@ -1,0 +1,384 @@
+"""Export to ONNX, keeping each layer's compressed form.
+
+The model is first turned into its *deploy twin*: every compressed layer is replaced by a
+small module that computes the same thing from what the layer stores, in operations that
+ONNX has:
+
+- affine integer weights (rtn, gptq, awq, mixed, the weights of w8a8 and w8a8-static):
+  the integer codes as an int8 constant (int4 when every code fits, which holds for 2..4-bit
+  layers: ONNX packs it two codes a byte) into ``DequantizeLinear`` with the layer's scales:
+  per tensor, per output channel (``axis``) or per group of inputs (``block_size``);
+  ``in_scale`` (AWQ) as a ``Mul``;
+- static activation ranges (w8a8-static, QAT): ``QuantizeLinear`` / ``DequantizeLinear`` on
+  the layer input (a ``Clip`` between them below 8 bits), the runtime's integer pattern;
+- w8a8 dynamic: the int8 weight as above; the SmoothQuant factor as a ``Mul`` on the input;
+  the activations stay float (the runtime may quantize them dynamically);
+- codebooks (k-means, NF4): the indices as a uint8 constant (int4 below 5 bits would need a
+  ``Cast`` that runtimes lack; uint8 is one byte a weight) into ``Gather`` from the codebook;
+- sparse layers: the dense weight (the runtime computes densely; the file is fp32-sized);
+- factorized, separable, pruned and searched models: their smaller float layers as they are.
+
+A layer whose form cannot be written (a simulated layer, an unknown compressed layer) is a
+ValueError naming the layer and the form before anything is written.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimkit.compressed import ComposedModule, CompressedModule
+from slimkit.data import Batch
+from slimkit.formats.affine import AffineFormat, scale_shape
+from slimkit.formats.codebook import CodebookFormat
+from slimkit.formats.nf4 import LEVELS, NF4Format
+from slimkit.formats.primitives import qrange
+from slimkit.layers.shapes import Conv2dOp, EmbeddingOp, LinearOp
+from slimkit.layers.weight import FormatWeight
+
+#: ONNX opset: 21 has int4 and blocked (per-group) DequantizeLinear
+OPSET = 21
+
+
+# -- ONNX operators as autograd functions (eager math + their ONNX node) -----------------------
+class _Dequantize(torch.autograd.Function):
+    """``(codes - zero) * scale`` over a 2-D (R, K) weight: per tensor, per row, per group."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, block: int
+    ) -> torch.Tensor:
+        s = scale.reshape(-1, 1) if block == 0 else scale.repeat_interleave(block, dim=1)
+        z = zero.reshape(-1, 1) if block == 0 else zero.repeat_interleave(block, dim=1)
+        if scale.numel() == 1:
+            s, z = scale.reshape(1, 1), zero.reshape(1, 1)
+        return (codes.float() - z.float()) * s
+
+    @staticmethod
+    def symbolic(g: Any, codes: Any, scale: Any, zero: Any, block: int) -> Any:
+        if block:
+            return g.op("DequantizeLinear", codes, scale, zero, axis_i=1, block_size_i=block)
+        return g.op("DequantizeLinear", codes, scale, zero, axis_i=0)
+
+
+class _FakeQuant(torch.autograd.Function):
+    """``x`` rounded to ``bits``-bit codes of one scale and zero point and back."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int, hi: int
+    ) -> torch.Tensor:
+        q = torch.clamp(torch.round(x / scale) + zero.float(), lo, hi)
+        return (q - zero.float()) * scale
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, scale: Any, zero: Any, lo: int, hi: int) -> Any:
+        q = g.op("QuantizeLinear", x, scale, zero)
+        if (lo, hi) != (-128, 127):
+            low = g.op("Constant", value_t=torch.tensor(lo, dtype=torch.int8))
+            high = g.op("Constant", value_t=torch.tensor(hi, dtype=torch.int8))
+            q = g.op("Clip", q, low, high)
+        return g.op("DequantizeLinear", q, scale, zero)
+
+
+# -- the deploy twin --------------------------------------------------------------------------
+class _Deployed(nn.Module):
+    """One compressed layer in ONNX-expressible operations (see the module docstring)."""
+
+    def __init__(self, layer: FormatWeight | nn.Module, kind: str) -> None:
+        super().__init__()
+        self.kind = kind  # linear, conv, embedding
+        self.geometry: dict[str, Any] = {}
+        if isinstance(layer, Conv2dOp):
+            self.geometry = {
+                "stride": layer.stride,
+                "padding": layer.padding,
+                "dilation": layer.dilation,
+                "groups": layer.groups,
+            }
+        self.padding_idx = getattr(layer, "padding_idx", None)
+        bias = getattr(layer, "bias", None)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
+        self.act: tuple[int, int] | None = None
+        self.smooth: torch.Tensor | None = None
+
+    def set_activations(
+        self, scale: torch.Tensor, zero: torch.Tensor, bits: int, sym: bool
+    ) -> None:
+        self.register_buffer("act_scale", scale.detach().float().reshape(()).clone())
+        self.register_buffer("act_zero", zero.detach().round().to(torch.int8).reshape(()))
+        self.act = qrange(bits, sym)
+
+    def weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth is not None:
+            x = x * self.smooth
+        if self.act is not None:
+            x = _FakeQuant.apply(x, self.act_scale, self.act_zero, *self.act)
+        w = self.weight()
+        if self.kind == "linear":
+            return F.linear(x, w, self.bias)
+        if self.kind == "conv":
+            return F.conv2d(x, w, self.bias, **self.geometry)
+        return F.embedding(x, w, self.padding_idx)
+
+
+class _AffineDeployed(_Deployed):
+    def __init__(
+        self,
+        layer: nn.Module,
+        kind: str,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor | None,
+        group_size: int | None,
+        in_scale: torch.Tensor | None,
+    ) -> None:
+        super().__init__(layer, kind)
+        self.shape = tuple(codes.shape)
+        rows = codes.reshape(codes.shape[0], -1)  # (R, K)
+        self.block = group_size or 0
+        self.register_buffer("codes", rows.to(torch.int8).contiguous())
+        per_tensor = scale.numel() == 1
+        s = scale.reshape(()) if per_tensor else scale.reshape(rows.shape[0], -1)
+        if not self.block:
+            s = s if per_tensor else s.reshape(-1)
+        self.register_buffer("scale", s.float().contiguous())
+        z = torch.zeros_like(s) if zero is None else zero.reshape(s.shape)
+        self.register_buffer("zero", z.round().to(torch.int8).contiguous())
+        self.in_scale: torch.Tensor | None
+        self.register_buffer("in_scale", None if in_scale is None else in_scale.detach().clone())
+
+    def weight(self) -> torch.Tensor:
+        w = _Dequantize.apply(self.codes, self.scale, self.zero, self.block).reshape(self.shape)
+        if self.in_scale is not None:
+            view = [1] * len(self.shape)
+            view[1] = -1
+            in_scale: torch.Tensor = self.in_scale
+            w = w * in_scale.reshape(view)
+        return w  # type: ignore[no-any-return]
+
+
+class _CodebookDeployed(_Deployed):
+    """``codebook[indices]`` (k-means) or ``LEVELS[indices] * scale`` per group (NF4)."""
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        kind: str,
+        shape: tuple[int, ...],
+        codebook: torch.Tensor,
+        indices: torch.Tensor,
+        scale: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(layer, kind)
+        self.shape = shape
+        self.register_buffer("codebook", codebook.detach().float().clone())
+        self.register_buffer("indices", indices.to(torch.uint8).reshape(shape[0], -1).clone())
+        self.register_buffer("group_scale", None if scale is None else scale.float().clone())
+
+    codebook: torch.Tensor
+    indices: torch.Tensor
+    group_scale: torch.Tensor | None
+
+    def weight(self) -> torch.Tensor:
+        w = self.codebook[self.indices.long()]  # (R, K)
+        if self.group_scale is not None:
+            r, k = w.shape
+            g = self.group_scale.shape[1]
+            w = (w.reshape(r, g, k // g) * self.group_scale.unsqueeze(-1)).reshape(r, k)
+        return w.reshape(self.shape)
+
+
+class _DenseDeployed(_Deployed):
+    dense: torch.Tensor
+
+    def __init__(self, layer: nn.Module, kind: str, weight: torch.Tensor) -> None:
+        super().__init__(layer, kind)
+        self.register_buffer("dense", weight.detach().float().clone())
+
+    def weight(self) -> torch.Tensor:
+        return self.dense
+
+
+def _kind(layer: nn.Module) -> str | None:
+    if isinstance(layer, LinearOp) or type(layer).__name__ == "DynamicQuantLinear":
+        return "linear"
+    if isinstance(layer, Conv2dOp):
+        return "conv"
+    if isinstance(layer, EmbeddingOp):
+        return "embedding"
+    return None
+
+
+def deploy_layer(name: str, layer: nn.Module) -> nn.Module:
+    """The ONNX-expressible twin of one compressed layer; ValueError naming the layer when
+    its form cannot be written."""
+    layer = layer.deployed() if isinstance(layer, CompressedModule) else layer
+    if not isinstance(layer, CompressedModule) or isinstance(layer, ComposedModule):
+        return layer
+    problem = _problem(name, layer)
+    if problem is not None:
+        raise ValueError(problem)
+    kind = _kind(layer)
+    assert kind is not None
+    out: _Deployed
+    if isinstance(layer, FormatWeight) and isinstance(layer.format, AffineFormat):
+        fmt, t = layer.format, layer.stored()
+        out = _AffineDeployed(
+            layer, kind, layer.unpacked(), t["scale"], t.get("zero_point"), fmt.group_size,
+            t.get("in_scale"),
+        )  # fmt: skip
+    elif isinstance(layer, FormatWeight) and isinstance(layer.format, NF4Format):
+        nf4, t = layer.format, layer.stored()
+        rows = scale_shape(nf4.shape, nf4.granularity.value != "per_tensor", nf4.group_size)
+        out = _CodebookDeployed(
+            layer, kind, nf4.shape, LEVELS, layer.unpacked(), t["scale"].reshape(rows)
+        )
+    elif isinstance(layer, FormatWeight) and type(layer.format) is CodebookFormat:
+        out = _CodebookDeployed(
+            layer, kind, layer.format.shape, layer.stored()["codebook"], layer.unpacked()
+        )
+    elif type(layer).__name__ == "DynamicQuantLinear":
+        q: Any = layer
+        out = _AffineDeployed(layer, kind, q.qweight, q.scale, None, None, None)
+        if q.smooth is not None:
+            out.smooth = q.smooth.detach().clone()
+    else:  # sparse and sparse-codebook layers: dense
+        out = _DenseDeployed(layer, kind, layer.dense_weight())
+    act_scale = getattr(layer, "act_scale", None)
+    if act_scale is not None:
+        act: Any = layer
+        out.set_activations(act.act_scale, act.act_zero, act.act_bits, act.act_symmetric)
+    return out
+
+
+def deploy_twin(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose compressed layers are their ONNX-expressible twins."""
+    import copy
+
+    twin = copy.deepcopy(model).eval()
+    for name, module in list(twin.named_modules()):
+        if not name or not isinstance(module, CompressedModule):
+            continue
+        parent, _, attr = name.rpartition(".")
+        owner = twin.get_submodule(parent) if parent else twin
+        if isinstance(owner, _Deployed) or not hasattr(owner, attr):
+            continue
+        replacement = deploy_layer(name, module)
+        if replacement is not module:
+            setattr(owner, attr, replacement)
+    return twin
+
+
+def check_exportable(model: nn.Module) -> None:
+    """ValueError naming the first layer the onnx format cannot express (nothing built)."""
+    for name, module in model.named_modules():
+        if isinstance(module, CompressedModule):
+            problem = _problem(name, module.deployed())
+            if problem is not None:
+                raise ValueError(problem)
+
+
+def _problem(name: str, layer: nn.Module) -> str | None:
+    """Why the compressed ``layer`` cannot be written, or None."""
+    if not isinstance(layer, CompressedModule) or isinstance(layer, ComposedModule):
+        return None
+    form = type(layer).__name__
+    if layer.simulated:
+        return f"layer {name!r} ({form}) only simulates its compression"
+    if _kind(layer) is None:
+        return f"layer {name!r}: the onnx format cannot express a {form}"
+    return None
+
+
+# -- the ONNX graph ---------------------------------------------------------------------------
+def input_names(example: Batch) -> list[str]:
+    """The ONNX input names for ``example``: a dict's keys, ``input`` or ``input_<i>``."""
+    return _inputs(example)[2]
+
+
+def _inputs(example: Batch) -> tuple[tuple[Any, ...], dict[str, Any], list[str]]:
+    """Positional args, keyword args and input names of ``example``."""
+    if isinstance(example, dict):
+        return (), dict(example), list(example)
+    if isinstance(example, torch.Tensor):
+        return (example,), {}, ["input"]
+    args = tuple(example)
+    return args, {}, [f"input_{i}" for i in range(len(args))]
+
+
+class _Positional(nn.Module):
+    """``model(**dict(zip(names, args)))``: dict inputs as positional ONNX inputs; the first
+    output (a Hugging Face model's ``last_hidden_state``, a tensor as is)."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        out = self.model(**dict(zip(self.names, args, strict=True)))
+        if isinstance(out, torch.Tensor):
+            return out
+        first = out[0] if isinstance(out, tuple | list) else next(iter(out.values()))
+        return first  # type: ignore[no-any-return]
+
+
+def onnx_bytes(model: nn.Module, example: Batch, dynamic_axes: bool = True) -> bytes:
+    """The ONNX model (serialized) of ``model``'s deploy twin run on ``example``."""
+    import onnx
+
+    twin = deploy_twin(model)
+    args, kwargs, names = _inputs(example)
+    if kwargs:
+        twin, args = _Positional(twin, names), tuple(kwargs.values())
+    axes: dict[str, dict[int, str]] = {}
+    if dynamic_axes:
+        for n, a in zip(names, args, strict=True):
+            axes[n] = {0: "batch"} if a.dim() < 2 else {0: "batch", 1: "sequence"}
+            if a.dim() == 4:
+                axes[n] = {0: "batch"}
+        axes["output"] = (
+            {0: "batch"} if args[0].dim() != 2 or not kwargs else {0: "batch", 1: "sequence"}
+        )
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            twin, args, buffer,  # type: ignore[arg-type]
+            dynamo=False, opset_version=OPSET, input_names=names, output_names=["output"],
+            dynamic_axes=axes or None, do_constant_folding=False,
+        )  # fmt: skip
+    graph = onnx.load_from_string(buffer.getvalue())
+    _narrow_codes(graph)
+    return bytes(graph.SerializeToString())
+
+
+def _narrow_codes(model: Any) -> None:
+    """Store the int8 codes of every weight ``DequantizeLinear`` as int4 when they all fit
+    (exact: the same integers, half the bytes)."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        names = [n for n in node.input[:3:2] if n in inits]
+        arrays = [numpy_helper.to_array(inits[n]) for n in names]
+        if any(a.dtype.name != "int8" or a.size == 0 for a in arrays):
+            continue
+        if not all(int(a.min()) >= -8 and int(a.max()) <= 7 for a in arrays):
+            continue
+        for n, a in zip(names, arrays, strict=True):
+            narrow = onnx.helper.make_tensor(
+                n, onnx.TensorProto.INT4, a.shape, a.reshape(-1).tolist()
+            )
+            inits[n].CopyFrom(narrow)
