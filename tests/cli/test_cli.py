@@ -210,3 +210,35 @@ def test_tasks_lists_builtin_tasks(capsys):
     assert code == 0
     for name in ("digits-lenet", "digits-mlp", "minilm-topics", "hf"):
         assert name in text
+
+
+def test_export_text_model_with_dynamic_batch_and_length(capsys, tmp_path, tiny_hf):
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    import slimkit
+
+    out = tmp_path / "out"
+    assert compress(capsys, tiny_hf, out, RECIPES / "w8a8-static.yaml")[0] == 0
+    code, text = run(capsys, "export", out, *hf_args(tiny_hf), "--out", tmp_path / "onnx")
+    assert code == 0, text
+    assert "model.onnx" in text
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"))
+    names = [i.name for i in session.get_inputs()]
+    assert "input_ids" in names and "attention_mask" in names
+    ids = torch.randint(5, 45, (3, 11))  # another batch and length than the example
+    feed = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    feed.update({n: torch.zeros_like(ids) for n in names if n not in feed})
+    got = session.run(None, {n: feed[n].numpy() for n in names})[0]
+    model = slimkit.load(out)
+    with torch.inference_mode():
+        want = model(**{n: feed[n] for n in names}).last_hidden_state.numpy()
+    assert got.shape == want.shape
+    cos = (got * want).sum() / (np.linalg.norm(got) * np.linalg.norm(want))
+    assert cos >= 0.9999
+
+
+def test_export_unknown_format_exits_2_before_loading(capsys, tmp_path):
+    code, text = run(capsys, "export", tmp_path / "nothing", "--format", "tflite", "-o", tmp_path)
+    assert code == 2 and "--format 'tflite'; allowed: onnx, openvino" in one_error_line(text)
