@@ -32,6 +32,7 @@ FLOORS: dict[str, int] = {
             "constructible",
             "compressed",
             "atomic",
+            "cpu",
         ),
         0,
     ),

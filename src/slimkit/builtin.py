@@ -10,6 +10,7 @@ so ``import slimkit`` makes all of them known; nothing below the top floor impor
 import slimkit.distill.stage
 import slimkit.encode.stage
 import slimkit.factorize.stage
+import slimkit.formats.bf16
 import slimkit.formats.nf4
 import slimkit.formats.sparse
 import slimkit.nas.stage
@@ -21,6 +22,7 @@ import slimkit.prune.structured
 import slimkit.prune.transformer
 import slimkit.prune.unstructured
 import slimkit.quant.awq
+import slimkit.quant.bf16
 import slimkit.quant.gptq
 import slimkit.quant.kmeans
 import slimkit.quant.mixed

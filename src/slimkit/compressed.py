@@ -119,6 +119,11 @@ class CompressedModule(nn.Module):
         """The weight this layer computes with, as a dense float tensor."""
         raise NotImplementedError
 
+    def kernel_weight(self) -> torch.Tensor:
+        """The weight the kernel runs with: ``dense_weight()`` unless the storage computes
+        in another dtype on this CPU (a bf16 weight)."""
+        return self.dense_weight()
+
     def deployed(self) -> nn.Module:
         """The layer an exporter writes in place of this one (a wrapper's restored inner
         layer); this layer itself by default."""

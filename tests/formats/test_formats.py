@@ -25,6 +25,7 @@ from slimkit.encode.stage import HuffmanCoded
 from slimkit.formats import primitives as P
 from slimkit.formats.affine import AffineFormat
 from slimkit.formats.base import WeightFormat, check_format, format_from_spec
+from slimkit.formats.bf16 import BFloat16Format
 from slimkit.formats.bitmask import unpack_mask
 from slimkit.formats.codebook import CodebookFormat, SparseCodebookFormat
 from slimkit.formats.nf4 import LEVELS, NF4Format
@@ -32,7 +33,7 @@ from slimkit.formats.sparse import SparseFormat
 from slimkit.layers.weight import FormatLinear, FormatWeight, format_layer
 
 #: the formats drawn: 8-bit affine codes are stored unpacked, so they get a case of their own
-KINDS = ["affine", "affine-int8", "nf4", "codebook", "sparse-codebook", "sparse"]
+KINDS = ["affine", "affine-int8", "nf4", "codebook", "sparse-codebook", "sparse", "bf16"]
 GRANULARITIES = list(Granularity)
 PROPERTY = settings(max_examples=15, deadline=None)
 #: the largest distance between neighbouring NF4 levels (normalized units)
@@ -84,6 +85,8 @@ def _make_format(draw: st.DrawFn, kind: str, w: torch.Tensor) -> WeightFormat:
         return NF4Format(shape, *draw(groupings(shape)))
     if kind == "sparse":
         return SparseFormat(shape, int((w != 0).sum()))
+    if kind == "bf16":
+        return BFloat16Format(shape)
     bits = draw(st.sampled_from([1, 2, 3, 4, 8]))  # 1, 2, 4: whole-byte packing; 3: bit planes
     if kind == "codebook":
         return CodebookFormat(shape, bits)
@@ -309,6 +312,16 @@ def test_sparse_format_is_exact_on_the_kept_weights(data: st.DataObject) -> None
     assert torch.equal(fmt.decode(t), w)  # every nonzero kept, in place, bit for bit
     assert fmt.n_values() == int((w != 0).sum())
     fmt.verify(t)
+
+
+@PROPERTY
+@given(data=st.data())
+def test_bf16_error_is_at_most_half_a_bf16_step(data: st.DataObject) -> None:
+    fmt, w = data.draw(cases("bf16"))
+    back = fmt.decode(fmt.encode(w))
+    # round to nearest with 8 significant bits: a relative error of at most 2**-8
+    assert bool(((back - w).abs() <= w.abs() * 2**-8).all())
+    assert torch.equal(back, w.to(torch.bfloat16).float())
 
 
 def test_sparse_format_checks_counts_and_patterns() -> None:

@@ -15,6 +15,7 @@ ONNX has:
   the activations stay float (the runtime may quantize them dynamically);
 - codebooks (k-means, NF4): the indices as a uint8 constant (int4 below 5 bits would need a
   ``Cast`` that runtimes lack; uint8 is one byte a weight) into ``Gather`` from the codebook;
+- bf16 weights: a bf16 constant ``Cast`` to fp32;
 - sparse layers: the dense weight (the runtime computes densely; the file is fp32-sized);
 - factorized, separable, pruned and searched models: their smaller float layers as they are.
 
@@ -35,6 +36,7 @@ from torch import nn
 from slimkit.compressed import ComposedModule, CompressedModule
 from slimkit.data import Batch
 from slimkit.formats.affine import AffineFormat, scale_shape
+from slimkit.formats.bf16 import BFloat16Format
 from slimkit.formats.codebook import CodebookFormat
 from slimkit.formats.nf4 import LEVELS, NF4Format
 from slimkit.formats.primitives import qrange
@@ -197,6 +199,19 @@ class _CodebookDeployed(_Deployed):
         return w.reshape(self.shape)
 
 
+class _CastDeployed(_Deployed):
+    """A 16-bit float weight constant, cast to fp32 in the graph."""
+
+    weight16: torch.Tensor
+
+    def __init__(self, layer: nn.Module, kind: str, weight: torch.Tensor) -> None:
+        super().__init__(layer, kind)
+        self.register_buffer("weight16", weight.detach().clone())
+
+    def weight(self) -> torch.Tensor:
+        return self.weight16.float()
+
+
 class _DenseDeployed(_Deployed):
     dense: torch.Tensor
 
@@ -246,6 +261,8 @@ def deploy_layer(name: str, layer: nn.Module) -> nn.Module:
         out = _CodebookDeployed(
             layer, kind, layer.format.shape, layer.stored()["codebook"], layer.unpacked()
         )
+    elif isinstance(layer, FormatWeight) and isinstance(layer.format, BFloat16Format):
+        out = _CastDeployed(layer, kind, layer.stored()["weight"])
     elif type(layer).__name__ == "DynamicQuantLinear":
         q: Any = layer
         out = _AffineDeployed(layer, kind, q.qweight, q.scale, None, None, None)

@@ -128,10 +128,17 @@ class WeightFormat:
 
     def from_streams(self, t: Tensors, symbols: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The stored tensors that ``streams`` read ``symbols`` from (inverse of it)."""
+        if self.stream_count == 0:
+            return {}
         raise NotImplementedError
 
     def verify(self, t: Tensors) -> None:
         """ValueError when loaded tensors contradict each other."""
+
+    def native(self, t: Tensors) -> torch.Tensor | None:
+        """A stored tensor the kernel computes with directly, in its own dtype, on this CPU
+        (a bf16 weight where the CPU has bf16 instructions); None: decode to fp32."""
+        return None
 
     # -- description ---------------------------------------------------------------------
     def n_values(self) -> int:

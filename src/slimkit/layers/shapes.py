@@ -39,6 +39,8 @@ class LayerOp(nn.Module):
 
         def dense_weight(self) -> torch.Tensor: ...
 
+        def kernel_weight(self) -> torch.Tensor: ...
+
     # the operation half
     def shape_spec(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -67,6 +69,15 @@ class LayerOp(nn.Module):
     def layer_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input as the operation sees it (activation quantization overrides this)."""
         return x
+
+    def _run(self, op: Any, x: torch.Tensor, **kw: Any) -> torch.Tensor:
+        """``op(input, weight, bias, **kw)`` in the kernel weight's dtype, output in x's."""
+        w = self.kernel_weight()
+        x_in = self.layer_input(x)
+        if w.dtype == x_in.dtype:
+            return op(x_in, w, self.bias, **kw)  # type: ignore[no-any-return]
+        bias = None if self.bias is None else self.bias.to(w.dtype)
+        return op(x_in.to(w.dtype), w, bias, **kw).to(x.dtype)  # type: ignore[no-any-return]
 
     def _init_bias(self, bias: bool, n: int) -> None:
         self.bias = nn.Parameter(torch.zeros(n)) if bias else None
@@ -108,7 +119,7 @@ class LinearOp(LayerOp):
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.layer_input(x), self.dense_weight(), self.bias)
+        return self._run(F.linear, x)
 
 
 class Conv2dOp(LayerOp, ConvGeometry):
@@ -137,7 +148,7 @@ class Conv2dOp(LayerOp, ConvGeometry):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # zero padding stays exact when the input is quantized: the code of 0.0 is 0.0
-        return self.conv(self.layer_input(x), self.dense_weight(), self.bias)
+        return self._run(self.conv, x)
 
 
 class EmbeddingOp(LayerOp):
@@ -176,7 +187,7 @@ class EmbeddingOp(LayerOp):
         }
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.embedding(idx, self.dense_weight(), self.padding_idx)
+        return F.embedding(idx, self.kernel_weight(), self.padding_idx).float()
 
 
 #: float layer type -> its operation half

@@ -87,6 +87,12 @@ class FormatWeight(CompressedModule):
     def dense_weight(self) -> torch.Tensor:
         return self.format.decode(self.stored(), self.unpacked())
 
+    def kernel_weight(self) -> torch.Tensor:
+        """The weight the kernel runs with: the format's native tensor where this CPU
+        computes in its dtype, else the decoded fp32 weight."""
+        native = self.format.native(self.stored())
+        return self.dense_weight() if native is None else native
+
     @classmethod
     def stream_count(cls, spec: dict[str, Any]) -> int:
         return cls.format_class(spec).stream_count

@@ -17,7 +17,6 @@ output channel. Three kernels, one contract:
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -25,26 +24,10 @@ from typing import Any
 
 import torch
 
+from slimkit.cpu import has_int8_dot
+
 KERNELS = ("auto", "int_mm", "fbgemm", "reference")
-_INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 _EPS = 1e-12
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def has_int8_dot() -> bool:
-    """True when the CPU has VNNI or AMX int8 dot-product instructions."""
-    return bool(cpu_flags() & set(_INT8_FLAGS))
 
 
 def int8_kernel(kernel: str = "auto") -> str:
