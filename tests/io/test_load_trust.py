@@ -438,3 +438,29 @@ def test_a_deleted_recipe_option_is_refused(tmp_path: Path) -> None:
     art = _copy("structured", tmp_path)
     _edit(art, lambda m: m["recipe"]["stages"][0]["prune"].pop("ignore"))
     _refused(art, "recipe is not in the form slimkit writes")
+
+
+def test_a_shallower_hugging_face_model_reloads(tmp_path: Path) -> None:
+    """Regression: a model whose config differs from its directory's (a student with fewer
+    layers) used to save a source that rebuilt the directory's depth, so loading failed on
+    the missing layers."""
+    from transformers import AutoModel
+
+    from tests.cli.conftest import make_tiny_bert
+
+    model_dir = make_tiny_bert(tmp_path, layers=4, hidden=16, intermediate=32, name="bert4")
+    model = AutoModel.from_pretrained(str(model_dir)).eval()
+    model.encoder.layer = model.encoder.layer[:2]
+    model.config.num_hidden_layers = 2
+    slimkit.save(model, tmp_path / "a")
+    manifest = json.loads((tmp_path / "a" / "slimkit.json").read_text())
+    assert manifest["source"]["config"] == {"num_hidden_layers": 2}
+    back = slimkit.load(tmp_path / "a")
+    assert len(back.encoder.layer) == 2
+    ids = torch.tensor([[1, 5, 7, 2]])
+    with torch.inference_mode():
+        assert torch.equal(back(input_ids=ids)[0], model(input_ids=ids)[0])
+    manifest["source"]["config"] = {"num_hidden_layerz": 2}
+    (tmp_path / "a" / "slimkit.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="source config 'num_hidden_layerz' is not a int"):
+        slimkit.load(tmp_path / "a")

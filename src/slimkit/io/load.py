@@ -212,7 +212,7 @@ def _rebuild_base(p: Path, source: dict[str, Any], budget: int) -> nn.Module:
         except SlimkitError as e:
             raise ArtifactError(f"{where}: source task: {_first_line(e)}") from None
     if "hf" in source:
-        return _rebuild_hf(where, source["hf"], source["class"], budget)
+        return _rebuild_hf(where, source["hf"], source["class"], budget, source.get("config"))
     if "class" in source:
         return _rebuild_class(where, source["class"], source.get("kwargs"), budget)
     raise ArtifactError(
@@ -240,9 +240,13 @@ def _rebuild_class(where: Path, key: str, kwargs: dict[str, Any] | None, budget:
     return _build(where, f"source class {key}", lambda: entry.cls(**args), budget)
 
 
-def _rebuild_hf(where: Path, directory: str, key: str, budget: int) -> nn.Module:
+def _rebuild_hf(
+    where: Path, directory: str, key: str, budget: int, changes: dict[str, Any] | None = None
+) -> nn.Module:
     """A Hugging Face model built from the config of a local directory alone: never the
-    network, never remote code, never the directory's weights (the artifact holds them)."""
+    network, never remote code, never the directory's weights (the artifact holds them).
+    ``changes``: config entries the saved model held other values for (a student's depth),
+    each one an entry the directory's config has."""
     d = Path(directory)
     if not d.is_absolute() or not (d / "config.json").is_file():
         raise ArtifactError(
@@ -262,6 +266,13 @@ def _rebuild_hf(where: Path, directory: str, key: str, budget: int) -> nn.Module
     config = transformers.AutoConfig.from_pretrained(
         str(d), local_files_only=True, trust_remote_code=False
     )
+    for name, value in (changes or {}).items():
+        if not hasattr(config, name) or type(getattr(config, name)) is not type(value):
+            raise ArtifactError(
+                f"{where}: source config {name[:40]!r} is not a "
+                f"{type(value).__name__} entry of {directory[:80]!r}'s config"
+            )
+        setattr(config, name, value)
     return _build(where, f"source class {key}", lambda: cls(config), budget)
 
 

@@ -280,6 +280,7 @@ def _is_time(value: Any) -> bool:
 SOURCE_FORMS = (
     ("task",),
     ("hf", "class"),
+    ("hf", "class", "config"),
     ("class", "kwargs"),
     ("class",),
     ("caller",),
@@ -304,6 +305,8 @@ def check_source(where: Path, source: Any) -> None:
             raise ArtifactError(f"{where}: source {key} must be a non-empty string")
     if "kwargs" in source:
         check_kwargs(source["kwargs"], f"{where}: source kwargs")
+    if "config" in source:
+        check_kwargs(source["config"], f"{where}: source config")
 
 
 def _check_task_source(where: Path, source: dict[str, Any]) -> None:

@@ -428,11 +428,28 @@ def _source_of(model: nn.Module) -> dict[str, Any]:
     cls = type(model)
     hf_dir = getattr(getattr(model, "config", None), "_name_or_path", None)
     if hf_dir and (Path(hf_dir) / "config.json").is_file() and _is_transformers(cls):
-        return {"hf": str(Path(hf_dir).resolve()), "class": constructible.key_of(cls)}
+        source = {"hf": str(Path(hf_dir).resolve()), "class": constructible.key_of(cls)}
+        changed = _config_changes(model.config, Path(hf_dir) / "config.json")
+        return {**source, "config": changed} if changed else source
     entry = constructible.registered(cls)
     if entry is not None and not entry.kwargs and _no_arg_init(cls):
         return {"class": constructible.key_of(cls)}
     return {"caller": cls.__qualname__}
+
+
+def _config_changes(config: Any, file: Path) -> dict[str, Any]:
+    """The entries of the directory's config.json that ``config`` (the model's, in memory)
+    holds another JSON value for, such as a student's ``num_hidden_layers``."""
+    try:
+        saved = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    current = config.to_dict()
+    return {
+        k: current[k]
+        for k, v in saved.items()
+        if k in current and current[k] != v and isinstance(current[k], bool | int | float | str)
+    }
 
 
 def _is_transformers(cls: type) -> bool:
