@@ -19,6 +19,8 @@ KEYS = [
     "robustness",
     "simulated",
     "notes",
+    "runtime",
+    "device",
 ]
 
 
@@ -51,6 +53,14 @@ def test_json_layout_has_the_report_keys_in_order() -> None:
     assert list(data) == ["task", "results"]
     assert list(data["results"][0]) == KEYS
     assert data["results"][0]["latency_ms"]["median"] == 1.5
+
+
+def test_every_row_says_its_runtime_and_the_cpu() -> None:
+    row = make_result().to_dict()
+    assert row["runtime"] == "torch"
+    assert "(" in row["device"] and row["device"].endswith(")")  # model (instruction sets)
+    older = {k: v for k, v in row.items() if k not in ("runtime", "device")}
+    assert Result.from_dict(older).runtime == "torch"  # reports written before these keys
 
 
 def test_from_dict_coerces_types_and_accepts_missing_runs() -> None:

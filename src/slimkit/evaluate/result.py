@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from slimkit.cpu import device
+
 
 @dataclass
 class Result:
@@ -25,6 +27,10 @@ class Result:
     robustness: dict[str, float]
     simulated: bool
     notes: list[str] = field(default_factory=list)
+    #: what ran the model: torch, onnxruntime or openvino
+    runtime: str = "torch"
+    #: the CPU model and the int8 / bf16 instruction sets found (``slimkit.cpu.device``)
+    device: str = field(default_factory=device)
 
     def primary(self) -> float:
         """The value of the task's primary metric."""
@@ -56,6 +62,8 @@ class Result:
             robustness={str(k): float(v) for k, v in data.get("robustness", {}).items()},
             simulated=bool(data["simulated"]),
             notes=[str(n) for n in data.get("notes", [])],
+            runtime=str(data.get("runtime", "torch")),
+            device=str(data.get("device", "")),
         )
 
 
