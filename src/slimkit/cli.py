@@ -61,6 +61,14 @@ DataOpt = Annotated[Path | None, typer.Option("--data", help="JSONL data file (t
 RunsOpt = Annotated[int, typer.Option("--runs", min=10, help="Timed warm runs per model.")]
 BatchOpt = Annotated[int | None, typer.Option("--batch", min=1, help="Latency batch size.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="Torch CPU threads.")]
+RuntimeOpt = Annotated[
+    str,
+    typer.Option(
+        "--runtime",
+        help="Where to run the models, comma-separated: torch, onnxruntime, openvino "
+        "(each model is exported to the others and evaluated there too).",
+    ),
+]
 
 
 class Interrupted(BaseException):
@@ -165,11 +173,13 @@ def compress_cmd(
     runs: RunsOpt = 10,
     batch: BatchOpt = None,
     threads: ThreadsOpt = None,
+    runtime: RuntimeOpt = "torch",
 ) -> None:
     """Evaluate the baseline, compress, save, reload from disk, evaluate, report."""
     from slimkit.io.artifact import check_target
     from slimkit.io.save import Staging, io_errors
 
+    runtimes = _runtimes(runtime)
     rec = Recipe.from_file(resolve(recipe))  # every input checked before any work
     how = "pass --overwrite"
     check_target(out, overwrite, how=how)
@@ -185,7 +195,8 @@ def compress_cmd(
         pipeline.precheck(model, rec)  # finite weights, patterns that match: before any work
         baseline = _baseline(model, the_task, tmp / "fp32", step)
         candidate = _compressed(model, rec, the_task, stage.path, step)
-        report = _evaluate(the_task, [baseline, candidate], runs, batch, threads, step)
+        cands = _on_runtimes(the_task, [baseline, candidate], runtimes, tmp, threads, step)
+        report = _evaluate(the_task, cands, runs, batch, threads, step)
         with io_errors(stage.path):  # beside the new model, before it is swapped in
             _write_reports([report], stage.path)
         stage.commit()
@@ -201,10 +212,12 @@ def eval_cmd(
     runs: RunsOpt = 10,
     batch: BatchOpt = None,
     threads: ThreadsOpt = None,
+    runtime: RuntimeOpt = "torch",
 ) -> None:
     """Evaluate an artifact beside its task's fp32 baseline."""
     from slimkit.io.artifact import load, read_manifest
 
+    runtimes = _runtimes(runtime)
     manifest = read_manifest(artifact)
     the_task = _artifact_task(artifact, manifest, task, model_dir, data)
     recipe_name = (manifest.get("recipe") or {}).get("name")
@@ -213,7 +226,8 @@ def eval_cmd(
         model = load(artifact)
         baseline = _baseline(the_task.model(), the_task, tmp / "fp32", step)
         candidate = _candidate(recipe_name or artifact.name, model, artifact, recipe_name)
-        report = _evaluate(the_task, [baseline, candidate], runs, batch, threads, step)
+        cands = _on_runtimes(the_task, [baseline, candidate], runtimes, tmp, threads, step)
+        report = _evaluate(the_task, cands, runs, batch, threads, step)
     _show(report)
 
 
@@ -470,6 +484,34 @@ def _evaluate(
     from slimkit.evaluate.runner import evaluate_candidates
 
     return evaluate_candidates(task, cands, runs=runs, batch=batch, threads=threads, progress=step)
+
+
+def _runtimes(text: str) -> list[str]:
+    """The runtimes of ``--runtime`` besides torch (ConfigError naming a bad one)."""
+    from slimkit.deploy.runtime import RUNTIMES
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        if name != "torch" and name not in RUNTIMES:
+            raise ConfigError(f"--runtime {name!r}; allowed: torch, {', '.join(RUNTIMES)}")
+    return [n for n in dict.fromkeys(names) if n != "torch"]
+
+
+def _on_runtimes(
+    task: Task,
+    cands: list[Candidate],
+    runtimes: list[str],
+    tmp: Path,
+    threads: int | None,
+    step: Callable[[str], None],
+) -> list[Candidate]:
+    """``cands`` (torch) and each exported to ``runtimes`` (into ``tmp``)."""
+    if not runtimes:
+        return cands
+    from slimkit.evaluate.runner import runtime_candidates
+
+    step(f"exporting to {', '.join(runtimes)}")
+    return [*cands, *runtime_candidates(task, cands, runtimes, tmp / "exports", threads)]
 
 
 def _show(report: Report) -> None:

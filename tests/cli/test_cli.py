@@ -242,3 +242,34 @@ def test_export_text_model_with_dynamic_batch_and_length(capsys, tmp_path, tiny_
 def test_export_unknown_format_exits_2_before_loading(capsys, tmp_path):
     code, text = run(capsys, "export", tmp_path / "nothing", "--format", "tflite", "-o", tmp_path)
     assert code == 2 and "--format 'tflite'; allowed: onnx, openvino" in one_error_line(text)
+
+
+def test_compress_evaluates_each_model_on_each_runtime(capsys, tmp_path, tiny_hf):
+    out = tmp_path / "out"
+    code, text = compress(
+        capsys, tiny_hf, out, RECIPES / "w8-rtn.yaml", "--runtime", "torch,onnxruntime"
+    )
+    assert code == 0, text
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["name"]: r for r in report["results"]}
+    assert list(rows) == ["fp32", "w8-rtn", "fp32@onnxruntime", "w8-rtn@onnxruntime"]
+    assert [r["runtime"] for r in rows.values()] == ["torch", "torch", "onnxruntime", "onnxruntime"]
+    ort = rows["w8-rtn@onnxruntime"]
+    # its own outputs: as faithful as the torch artifact, not a copy of its figures
+    assert ort["metrics"]["cosine_mean"] == pytest.approx(
+        rows["w8-rtn"]["metrics"]["cosine_mean"], abs=1e-3
+    )
+    assert ort["size_bytes"] < rows["fp32@onnxruntime"]["size_bytes"]
+    assert ort["params"] == rows["w8-rtn"]["params"] and ort["latency_ms"]["median"] > 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["model.safetensors", "slimkit.json", "report.json", "report.md", "pareto.png"]
+    )  # the exports were measured in a scratch directory
+
+
+def test_unknown_runtime_exits_2_before_work(capsys, tmp_path, tiny_hf):
+    out = tmp_path / "out"
+    code, text = compress(capsys, tiny_hf, out, RECIPES / "w8-rtn.yaml", "--runtime", "tvm")
+    assert code == 2 and "--runtime 'tvm'; allowed: torch, onnxruntime, openvino" in one_error_line(
+        text
+    )
+    assert not out.exists()

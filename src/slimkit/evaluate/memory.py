@@ -94,3 +94,27 @@ def _quiet_stderr() -> Iterator[None]:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def rss_growth_bytes(model: nn.Module, inputs: Batch) -> int:
+    """How far the process's resident memory peaks above its level before one call of
+    ``model`` (a runtime's session, whose allocations torch does not see): the kernel's
+    high-water mark, reset first (``/proc/self/clear_refs``); 0 where Linux's /proc is not
+    there to read."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kib("VmRSS")
+        with torch.inference_mode():
+            call(model, inputs)
+        return max(0, _status_kib("VmHWM") - before) * 1024
+    except (OSError, ValueError):
+        return 0
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise ValueError(f"{key} not in /proc/self/status")

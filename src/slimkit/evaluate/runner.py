@@ -13,9 +13,10 @@ from torch import nn
 
 from slimkit.compressed import CompressedModule, count_params, is_simulated
 from slimkit.context import Progress
+from slimkit.deploy import exported_files
 from slimkit.evaluate.latency import time_alternating
 from slimkit.evaluate.macs import count_macs
-from slimkit.evaluate.memory import peak_forward_bytes
+from slimkit.evaluate.memory import peak_forward_bytes, rss_growth_bytes
 from slimkit.evaluate.result import Report, Result
 from slimkit.evaluate.size import artifact_size
 from slimkit.model_info import info
@@ -33,6 +34,12 @@ class Candidate:
     artifact_dir: Path
     recipe: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: what runs ``model``: torch, or the runtime of an export (``slimkit.deploy``)
+    runtime: str = "torch"
+    #: an export's directory (its files are the size) and the torch model it was made from
+    #: (its parameters and MACs are the export's)
+    exported_dir: Path | None = None
+    source: nn.Module | None = None
 
 
 def evaluate_candidates(
@@ -94,20 +101,61 @@ def _measure(task: Task, cand: Candidate, inputs: Any, step: Progress) -> Result
     step(f"{cand.name}: robustness")
     robustness = {k: float(v) for k, v in task.robustness(model).items()}
     step(f"{cand.name}: size, params, MACs, memory")
+    torch_model = cand.source or model
+    if cand.exported_dir is None:
+        size, peak = artifact_size(cand.artifact_dir), peak_forward_bytes(model, inputs)
+    else:
+        size = sum(exported_files(cand.exported_dir).values())
+        peak = size + rss_growth_bytes(model, inputs)
     return Result(
         name=cand.name,
         recipe=cand.recipe,
         metrics=metrics,
         primary_metric=task.primary_metric,
-        size_bytes=artifact_size(cand.artifact_dir),
-        params=count_params(model),
-        macs=count_macs(model, task.example_inputs()),
+        size_bytes=size,
+        params=count_params(torch_model),
+        macs=count_macs(torch_model, task.example_inputs()),
         latency_ms={},
-        peak_mem_bytes=peak_forward_bytes(model, inputs),
+        peak_mem_bytes=peak,
         robustness=robustness,
-        simulated=is_simulated(model),
-        notes=[*cand.notes, *layer_notes(model)],
+        simulated=is_simulated(torch_model),
+        notes=[*cand.notes, *layer_notes(torch_model)],
+        runtime=cand.runtime,
     )
+
+
+def runtime_candidates(
+    task: Task,
+    candidates: Sequence[Candidate],
+    runtimes: Sequence[str],
+    workdir: Path,
+    threads: int | None = None,
+) -> list[Candidate]:
+    """Each torch candidate exported to each of ``runtimes`` (into ``workdir``) and run
+    there: ``NAME@RUNTIME`` candidates whose metrics come from the runtime's own outputs."""
+    from slimkit.deploy import export
+    from slimkit.deploy.runtime import RuntimeModel
+
+    out = []
+    for cand in candidates:
+        for runtime in runtimes:
+            fmt = "openvino" if runtime == "openvino" else "onnx"
+            dest = workdir / f"{cand.name}-{runtime}"
+            path = export(cand.model, dest, fmt, task.example_inputs())
+            note = f"exported to {fmt}, run by {runtime}"
+            out.append(
+                Candidate(
+                    name=f"{cand.name}@{runtime}",
+                    model=RuntimeModel(path, runtime, threads=threads),
+                    artifact_dir=cand.artifact_dir,
+                    recipe=cand.recipe,
+                    notes=[*cand.notes, note],
+                    runtime=runtime,
+                    exported_dir=path,
+                    source=cand.model,
+                )
+            )
+    return out
 
 
 def layer_notes(model: nn.Module) -> list[str]:
