@@ -49,23 +49,31 @@ OPSET = 21
 
 # -- ONNX operators as autograd functions (eager math + their ONNX node) -----------------------
 class _Dequantize(torch.autograd.Function):
-    """``(codes - zero) * scale`` over a 2-D (R, K) weight: per tensor, per row, per group."""
+    """``(codes - zero) * scale``: one scale for the tensor (``axis`` -1), one per index of
+    ``axis``, or one per ``block`` consecutive indices of ``axis``."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, block: int
-    ) -> torch.Tensor:
-        s = scale.reshape(-1, 1) if block == 0 else scale.repeat_interleave(block, dim=1)
-        z = zero.reshape(-1, 1) if block == 0 else zero.repeat_interleave(block, dim=1)
-        if scale.numel() == 1:
-            s, z = scale.reshape(1, 1), zero.reshape(1, 1)
-        return (codes.float() - z.float()) * s
+        ctx: Any, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, axis: int,
+        block: int,
+    ) -> torch.Tensor:  # fmt: skip
+        s, z = scale, zero.float()
+        if axis >= 0:
+            if block:
+                s, z = s.repeat_interleave(block, dim=axis), z.repeat_interleave(block, dim=axis)
+            else:
+                view = [1] * codes.dim()
+                view[axis] = -1
+                s, z = s.reshape(view), z.reshape(view)
+        return (codes.float() - z) * s
 
     @staticmethod
-    def symbolic(g: Any, codes: Any, scale: Any, zero: Any, block: int) -> Any:
+    def symbolic(g: Any, codes: Any, scale: Any, zero: Any, axis: int, block: int) -> Any:
+        if axis < 0:
+            return g.op("DequantizeLinear", codes, scale, zero)
         if block:
-            return g.op("DequantizeLinear", codes, scale, zero, axis_i=1, block_size_i=block)
-        return g.op("DequantizeLinear", codes, scale, zero, axis_i=0)
+            return g.op("DequantizeLinear", codes, scale, zero, axis_i=axis, block_size_i=block)
+        return g.op("DequantizeLinear", codes, scale, zero, axis_i=axis)
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -119,20 +127,35 @@ class _Deployed(nn.Module):
     def weight(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def weight_t(self) -> torch.Tensor:
+        """A Linear's weight transposed, (in, out): a MatMul's right operand."""
+        return self.weight().t()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth is not None:
             x = x * self.smooth
         if self.act is not None:
             x = _FakeQuant.apply(x, self.act_scale, self.act_zero, *self.act)
-        w = self.weight()
         if self.kind == "linear":
-            return F.linear(x, w, self.bias)
+            y = torch.matmul(x, self.weight_t())
+            return y if self.bias is None else y + self.bias
+        w = self.weight()
         if self.kind == "conv":
             return F.conv2d(x, w, self.bias, **self.geometry)
         return F.embedding(x, w, self.padding_idx)
 
 
 class _AffineDeployed(_Deployed):
+    """Integer codes into one ``DequantizeLinear`` laid out for the consumer: a Linear's
+    codes transposed (in, out) straight into its MatMul, a convolution's per-channel codes
+    in their own shape into the Conv (the patterns runtimes fuse into integer kernels);
+    grouped convolutions as (out, in * kh * kw) rows reshaped."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    in_scale: torch.Tensor | None
+
     def __init__(
         self,
         layer: nn.Module,
@@ -145,27 +168,43 @@ class _AffineDeployed(_Deployed):
     ) -> None:
         super().__init__(layer, kind)
         self.shape = tuple(codes.shape)
-        rows = codes.reshape(codes.shape[0], -1)  # (R, K)
-        self.block = group_size or 0
-        self.register_buffer("codes", rows.to(torch.int8).contiguous())
+        rows, r = codes.reshape(codes.shape[0], -1), codes.shape[0]  # (R, K)
         per_tensor = scale.numel() == 1
-        s = scale.reshape(()) if per_tensor else scale.reshape(rows.shape[0], -1)
-        if not self.block:
-            s = s if per_tensor else s.reshape(-1)
+        z = torch.zeros_like(scale) if zero is None else zero.reshape(scale.shape)
+        s, z = scale.reshape(r, -1) if not per_tensor else scale, z.reshape(scale.shape)
+        self.axis, self.block = -1, group_size or 0
+        if per_tensor:
+            q, s, z = rows.t() if kind == "linear" else codes, scale.reshape(()), z.reshape(())
+        elif kind == "linear":
+            q, s, z = rows.t(), s.t(), z.reshape(r, -1).t()  # (K, N), (G, N)
+            self.axis = 0 if self.block else 1
+            if not self.block:
+                s, z = s.reshape(-1), z.reshape(-1)
+        elif not self.block:
+            q, s, z, self.axis = codes, s.reshape(-1), z.reshape(-1), 0
+        else:
+            q, z, self.axis = rows, z.reshape(r, -1), 1
+        self.register_buffer("codes", q.to(torch.int8).contiguous())
         self.register_buffer("scale", s.float().contiguous())
-        z = torch.zeros_like(s) if zero is None else zero.reshape(s.shape)
         self.register_buffer("zero", z.round().to(torch.int8).contiguous())
-        self.in_scale: torch.Tensor | None
         self.register_buffer("in_scale", None if in_scale is None else in_scale.detach().clone())
 
+    def _dequantized(self) -> torch.Tensor:
+        return _Dequantize.apply(self.codes, self.scale, self.zero, self.axis, self.block)  # type: ignore[no-any-return]
+
+    def weight_t(self) -> torch.Tensor:
+        w = self._dequantized()  # (K, N)
+        if self.in_scale is not None:
+            w = w * self.in_scale.reshape(-1, 1)
+        return w
+
     def weight(self) -> torch.Tensor:
-        w = _Dequantize.apply(self.codes, self.scale, self.zero, self.block).reshape(self.shape)
+        w = self._dequantized().reshape(self.shape)
         if self.in_scale is not None:
             view = [1] * len(self.shape)
             view[1] = -1
-            in_scale: torch.Tensor = self.in_scale
-            w = w * in_scale.reshape(view)
-        return w  # type: ignore[no-any-return]
+            w = w * self.in_scale.reshape(view)
+        return w
 
 
 class _CodebookDeployed(_Deployed):
@@ -374,8 +413,38 @@ def onnx_bytes(model: nn.Module, example: Batch, dynamic_axes: bool = True) -> b
             dynamic_axes=axes or None, do_constant_folding=False,
         )  # fmt: skip
     graph = onnx.load_from_string(buffer.getvalue())
+    _fold_transposes(graph)
     _narrow_codes(graph)
     return bytes(graph.SerializeToString())
+
+
+def _fold_transposes(model: Any) -> None:
+    """Replace each ``Transpose`` of a float weight constant by the transposed constant (a
+    Linear's float weight becomes a MatMul operand, as runtimes and quantizers expect);
+    nothing else is folded, so integer codes stay integers."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    keep = []
+    for node in graph.node:
+        source = str(node.input[0]) if node.op_type == "Transpose" else ""
+        if source in inits and inits[source].data_type == 1:  # FLOAT
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            array = numpy_helper.to_array(inits[source])
+            folded = array.transpose(perm) if perm else array.T
+            graph.initializer.append(numpy_helper.from_array(folded.copy(), node.output[0]))
+            uses[source] -= 1
+            if uses[source] == 0:
+                graph.initializer.remove(inits.pop(source))
+            continue
+        keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
 
 
 def _narrow_codes(model: Any) -> None:
