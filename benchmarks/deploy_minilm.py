@@ -295,7 +295,7 @@ def markdown(rows: list[dict[str, Any]], setup: dict[str, Any]) -> str:
         f"median of {setup['runs']} warm calls, each row timed alternately with torch fp32 "
         "eager in one process; cosine and 1-NN from the row's own embeddings of the 256 "
         "evaluation paragraphs. Bytes: the files the row runs from.",
-        table, "Targets:\n" + format_targets(targets(rows)),
+        table, format_targets(targets(rows)),
     ]) + "\n"  # fmt: skip
 
 

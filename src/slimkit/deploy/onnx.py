@@ -464,7 +464,17 @@ def _narrow_codes(model: Any) -> None:
         if not all(int(a.min()) >= -8 and int(a.max()) <= 7 for a in arrays):
             continue
         for n, a in zip(names, arrays, strict=True):
-            narrow = onnx.helper.make_tensor(
-                n, onnx.TensorProto.INT4, a.shape, a.reshape(-1).tolist()
-            )
+            packed = _pack_int4(a)
+            narrow = onnx.helper.make_tensor(n, onnx.TensorProto.INT4, a.shape, packed, raw=True)
             inits[n].CopyFrom(narrow)
+
+
+def _pack_int4(a: Any) -> bytes:
+    """Two's-complement 4-bit codes, two a byte, the first in the low nibble (ONNX's int4
+    raw layout)."""
+    import numpy as np
+
+    u = (a.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)
+    if u.size % 2:
+        u = np.concatenate([u, np.zeros(1, np.uint8)])
+    return bytes((u[0::2] | (u[1::2] << 4)).astype(np.uint8).tobytes())
