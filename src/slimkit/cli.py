@@ -50,8 +50,13 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
-DEMO_TASKS = ("digits-lenet", "minilm-topics")
-DEMO_RECIPES = ("w8-rtn", "prune-magnitude-50")
+#: the demo: each task's recipes (run on torch and every installed runtime)
+DEMO: dict[str, tuple[str, ...]] = {
+    "digits-resnet": ("structured-50",),
+    "minilm-topics": ("w8a8", "w4-gptq", "bf16"),
+}
+#: how far a faithful row's primary metric may fall below the baseline's, by metric
+FAITHFUL = {"accuracy": 0.01, "cosine_mean": 0.003}
 
 TaskOpt = Annotated[str, typer.Option("--task", "-t", help="Built-in task name (see `tasks`).")]
 ModelDirOpt = Annotated[
@@ -283,15 +288,20 @@ def demo_cmd(
     ),
     runs: RunsOpt = 10,
 ) -> None:
-    """The shipped recipes on digits-lenet and minilm-topics; a combined report in OUT."""
+    """Shipped recipes on digits-resnet and minilm-topics, on torch and every installed
+    runtime; a combined report in OUT and the fastest faithful row of each task."""
+    import importlib.util
+
     from slimkit import tasks
+    from slimkit.deploy.runtime import RUNTIMES
     from slimkit.io.save import Staging
 
-    recipes = [Recipe.from_file(resolve(name)) for name in DEMO_RECIPES]
+    runtimes = [r for r in RUNTIMES if importlib.util.find_spec(r) is not None]
     reports = []
-    for name in DEMO_TASKS:
+    for name, names in DEMO.items():
+        recipes = [Recipe.from_file(resolve(r)) for r in names]
         the_task = tasks.get(name)
-        with _signals_raise(), _progress() as step:
+        with _signals_raise(), _progress() as step, _baseline_dir(out / name) as tmp:
             step(f"loading {name}")
             model = the_task.model()
             cands = [_baseline(model, the_task, out / name / "fp32", step, overwrite=True)]
@@ -302,6 +312,7 @@ def demo_cmd(
                     stage.commit()
                 cand.artifact_dir = dest
                 cands.append(cand)
+            cands = _on_runtimes(the_task, cands, runtimes, tmp, None, step)
             report = _evaluate(the_task, cands, runs, None, None, step)
         _finish([report], out / name)
         reports.append(report)
@@ -310,6 +321,29 @@ def demo_cmd(
     write_report(reports, out)
     console.print(
         f"combined report: {out / 'report.md'}, {out / 'report.json'}, {out / 'pareto.png'}"
+    )
+    for report in reports:
+        console.print(_fastest_faithful(report))
+
+
+def _fastest_faithful(report: Report) -> str:
+    """One line: the fastest row whose primary metric stays within ``FAITHFUL`` of the
+    baseline's (speedups against the torch fp32 baseline, measured alternately)."""
+    base = report.baseline
+    metric = base.primary_metric
+    slack = FAITHFUL.get(metric, 0.01)
+    faithful = [
+        r for r in report.results[1:]
+        if r.primary() >= base.primary() - slack and r.latency_ms and not r.simulated
+    ]  # fmt: skip
+    if not faithful:
+        return f"{report.task}: no row keeps {metric} within {slack} of fp32"
+    best = min(faithful, key=lambda r: r.latency_ms["median"])
+    speedup = base.latency_ms["median"] / best.latency_ms["median"]
+    return (
+        f"{report.task}: fastest faithful row: {best.name} on {best.runtime}, {speedup:.2f}x "
+        f"torch fp32, {metric} {best.primary():.4f} (fp32 {base.primary():.4f}), "
+        f"{best.size_bytes:,} bytes"
     )
 
 

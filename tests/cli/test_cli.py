@@ -273,3 +273,25 @@ def test_unknown_runtime_exits_2_before_work(capsys, tmp_path, tiny_hf):
         text
     )
     assert not out.exists()
+
+
+def test_the_demo_names_the_fastest_faithful_row():
+    from slimkit.cli import _fastest_faithful
+    from slimkit.evaluate.result import Report, Result
+
+    def row(name, runtime, cos, ms, simulated=False):
+        latency = {"median": ms, "min": ms, "max": ms, "batch": 64, "threads": 2}
+        return Result(name, None, {"cosine_mean": cos}, "cosine_mean", 100, 10, 10, latency,
+                      0, {}, simulated, runtime=runtime)  # fmt: skip
+
+    rows = [
+        row("fp32", "torch", 1.0, 1000.0),
+        row("w4@openvino", "openvino", 0.988, 200.0),  # fastest, but not faithful
+        row("bf16@openvino", "openvino", 0.9999, 350.0),
+        row("w8a8", "torch", 0.998, 900.0),
+        row("fake", "torch", 1.0, 100.0, simulated=True),  # only simulates: never counted
+    ]
+    line = _fastest_faithful(Report("minilm-topics", rows))
+    assert line.startswith("minilm-topics: fastest faithful row: bf16@openvino on openvino, 2.86x")
+    line = _fastest_faithful(Report("t", [rows[0], rows[1]]))
+    assert line == "t: no row keeps cosine_mean within 0.003 of fp32"
