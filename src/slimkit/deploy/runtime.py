@@ -4,8 +4,9 @@ evaluates and times it like any model: its metrics come from the runtime's own o
 ``RuntimeModel(path, runtime)``: ``path`` is an export directory (or a ``.onnx`` / ``.xml``
 file); ``runtime`` is ``onnxruntime`` or ``openvino``. It takes the inputs the export names
 (keyword tensors for a text model, one tensor otherwise) and returns the first output as a
-torch tensor. ``precision`` asks OpenVINO for an inference precision (``bf16`` runs in bf16
-where the CPU has it); ``threads`` sets the runtime's thread count.
+torch tensor. ``precision`` asks OpenVINO for an inference precision (``f32``, ``bf16``); without it
+OpenVINO uses its default for the CPU (bf16 on CPUs with AMX). ``threads`` sets the
+runtime's thread count.
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ def _session(file: Path, runtime: str, threads: int | None, precision: str | Non
         return (lambda feed: session.run(None, feed)[0]), names
     import openvino as ov
 
-    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision or "f32"}
+    config: dict[str, Any] = {}
+    if precision:  # else OpenVINO's own default for the CPU (bf16 where it has AMX)
+        config["INFERENCE_PRECISION_HINT"] = precision
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     compiled = ov.Core().compile_model(str(file), "CPU", config)

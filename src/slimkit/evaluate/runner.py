@@ -149,7 +149,7 @@ def runtime_candidates(
                     model=RuntimeModel(path, runtime, threads=threads),
                     artifact_dir=cand.artifact_dir,
                     recipe=cand.recipe,
-                    notes=[*cand.notes, note],
+                    notes=[note],
                     runtime=runtime,
                     exported_dir=path,
                     source=cand.model,
