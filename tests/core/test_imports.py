@@ -4,7 +4,17 @@ import json
 import subprocess
 import sys
 
-HEAVY = ("transformers", "onnxruntime", "onnx", "matplotlib", "torchao", "hqq", "optimum")
+HEAVY = (
+    "transformers",
+    "onnxruntime",
+    "onnx",
+    "openvino",
+    "nncf",
+    "matplotlib",
+    "torchao",
+    "hqq",
+    "optimum",
+)
 
 # one interpreter for both checks: starting one costs seconds
 PROBE = f"""
@@ -19,6 +29,7 @@ after_import = loaded()
 import torch
 from slimkit import Recipe, compress, load, save
 import slimkit.io.artifact, slimkit.prune.magnitude, slimkit.quant.rtn
+import slimkit.deploy, slimkit.evaluate.runner
 import tempfile
 m = torch.nn.Sequential(torch.nn.Linear(2, 2))
 compress(m, {{'stages': [{{'quantize': {{}}}}]}})
