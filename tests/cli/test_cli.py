@@ -295,3 +295,12 @@ def test_the_demo_names_the_fastest_faithful_row():
     assert line.startswith("minilm-topics: fastest faithful row: bf16@openvino on openvino, 2.86x")
     line = _fastest_faithful(Report("t", [rows[0], rows[1]]))
     assert line == "t: no row keeps cosine_mean within 0.003 of fp32"
+
+
+def test_eval_on_a_runtime_shows_its_rows(capsys, tmp_path, tiny_hf):
+    out = tmp_path / "out"
+    assert compress(capsys, tiny_hf, out, RECIPES / "w8-rtn.yaml")[0] == 0
+    code, text = run(capsys, "eval", out, *hf_args(tiny_hf), "--runtime", "onnxruntime")
+    assert code == 0, text
+    top = next(line for line in text.splitlines() if line.startswith("┏"))
+    assert top.count("┳") == 4  # the metric column and 4 models: fp32, w8-rtn and both @onnxruntime
