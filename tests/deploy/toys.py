@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from slimkit.data import Batch
-from slimkit.tasks.base import Task
+from tests.toy_tasks import LabelledToyTask
 
 
 class ToyCNN(nn.Module):
@@ -23,12 +23,9 @@ class ToyCNN(nn.Module):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
-class ToyImageTask(Task):
+class ToyImageTask(LabelledToyTask):
     name = "toy-deploy"
     description = "toy 4x8x8 image classifier"
-    primary_metric = "accuracy"
-    modality = "image"
-    default_batch = 8
 
     def __init__(self) -> None:
         g = torch.Generator().manual_seed(0)
@@ -48,18 +45,5 @@ class ToyImageTask(Task):
     def calibration_data(self) -> list[Batch]:
         return [self.x[i : i + 32] for i in range(0, 96, 32)]
 
-    def train_data(self) -> list[tuple[Batch, torch.Tensor]]:
-        return [(self.x[i : i + 32], self.y[i : i + 32]) for i in range(0, 96, 32)]
-
     def example_inputs(self) -> Batch:
         return self.x[:2]
-
-    def latency_inputs(self, batch: int | None = None) -> Batch:
-        return self.x[: batch or self.default_batch]
-
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        with torch.inference_mode():
-            return {"accuracy": float((model(self.x).argmax(1) == self.y).float().mean())}
-
-    def robustness(self, model: nn.Module) -> dict[str, float]:
-        return {}

@@ -11,8 +11,8 @@ from torch import nn
 import slimkit.nas.stage  # noqa: F401  (registers the nas stage)
 from slimkit.data import Batch
 from slimkit.nas import search as search_mod
-from slimkit.tasks.base import Task
 from slimkit.tasks.searched import SearchSpace
+from tests.toy_tasks import LabelledToyTask
 
 CNN_SPACE = SearchSpace(
     "cnn", (1, 8, 8), 10, hidden=(8, 16), fc_depth=(1, 2), channels=(2, 4),
@@ -29,12 +29,9 @@ def toy_data(n: int = 96, features: int = 16, classes: int = 3) -> tuple[torch.T
     return x, (x @ w).argmax(dim=1)
 
 
-class ToyTask(Task):
+class ToyTask(LabelledToyTask):
     name = "toy-nas"
     description = "toy MLP task with a search space"
-    primary_metric = "accuracy"
-    modality = "image"
-    default_batch = 8
 
     def __init__(self) -> None:
         self.x, self.y = toy_data()
@@ -46,21 +43,8 @@ class ToyTask(Task):
     def calibration_data(self) -> list[Batch]:
         return [self.x[:32]]
 
-    def train_data(self) -> list[tuple[Batch, torch.Tensor]]:
-        return [(self.x[i : i + 32], self.y[i : i + 32]) for i in range(0, len(self.x), 32)]
-
     def example_inputs(self) -> Batch:
         return self.x[:1]
-
-    def latency_inputs(self, batch: int | None = None) -> Batch:
-        return self.x[: batch or self.default_batch]
-
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        with torch.inference_mode():
-            return {"accuracy": float((model(self.x).argmax(1) == self.y).float().mean())}
-
-    def robustness(self, model: nn.Module) -> dict[str, float]:
-        return {}
 
     def search_space(self) -> SearchSpace:
         return MLP_SPACE

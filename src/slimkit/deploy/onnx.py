@@ -11,8 +11,8 @@ ONNX has:
   ``in_scale`` (AWQ) as a ``Mul``;
 - static activation ranges (w8a8-static, QAT): ``QuantizeLinear`` / ``DequantizeLinear`` on
   the layer input (a ``Clip`` between them below 8 bits), the runtime's integer pattern;
-- w8a8 dynamic: the int8 weight as above; the SmoothQuant factor as a ``Mul`` on the input;
-  the activations stay float (the runtime may quantize them dynamically);
+- w8a8 dynamic: the int8 weight as above (its SmoothQuant factor is the format's input
+  scale); the activations stay float (the runtime may quantize them dynamically);
 - codebooks (k-means, NF4): the indices as a uint8 constant (int4 below 5 bits would need a
   ``Cast`` that runtimes lack; uint8 is one byte a weight) into ``Gather`` from the codebook;
 - bf16 weights: a bf16 constant ``Cast`` to fp32;
@@ -115,7 +115,6 @@ class _Deployed(nn.Module):
         bias = getattr(layer, "bias", None)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
         self.act: tuple[int, int] | None = None
-        self.smooth: torch.Tensor | None = None
 
     def set_activations(
         self, scale: torch.Tensor, zero: torch.Tensor, bits: int, sym: bool
@@ -132,8 +131,6 @@ class _Deployed(nn.Module):
         return self.weight().t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.smooth is not None:
-            x = x * self.smooth
         if self.act is not None:
             x = _FakeQuant.apply(x, self.act_scale, self.act_zero, *self.act)
         if self.kind == "linear":
@@ -263,7 +260,7 @@ class _DenseDeployed(_Deployed):
 
 
 def _kind(layer: nn.Module) -> str | None:
-    if isinstance(layer, LinearOp) or type(layer).__name__ == "DynamicQuantLinear":
+    if isinstance(layer, LinearOp):
         return "linear"
     if isinstance(layer, Conv2dOp):
         return "conv"
@@ -283,30 +280,25 @@ def deploy_layer(name: str, layer: nn.Module) -> nn.Module:
         raise ValueError(problem)
     kind = _kind(layer)
     assert kind is not None
+    # the layer's weight format (FormatWeight, or a layer that describes its storage as one)
+    fmt = getattr(layer, "format", None)
+    held: Any = layer
     out: _Deployed
-    if isinstance(layer, FormatWeight) and isinstance(layer.format, AffineFormat):
-        fmt, t = layer.format, layer.stored()
+    if isinstance(fmt, AffineFormat):
+        t = held.stored()
         out = _AffineDeployed(
-            layer, kind, layer.unpacked(), t["scale"], t.get("zero_point"), fmt.group_size,
+            layer, kind, held.unpacked(), t["scale"], t.get("zero_point"), fmt.group_size,
             t.get("in_scale"),
         )  # fmt: skip
-    elif isinstance(layer, FormatWeight) and isinstance(layer.format, NF4Format):
-        nf4, t = layer.format, layer.stored()
-        rows = scale_shape(nf4.shape, nf4.granularity.value != "per_tensor", nf4.group_size)
-        out = _CodebookDeployed(
-            layer, kind, nf4.shape, LEVELS, layer.unpacked(), t["scale"].reshape(rows)
-        )
-    elif isinstance(layer, FormatWeight) and type(layer.format) is CodebookFormat:
-        out = _CodebookDeployed(
-            layer, kind, layer.format.shape, layer.stored()["codebook"], layer.unpacked()
-        )
-    elif isinstance(layer, FormatWeight) and isinstance(layer.format, BFloat16Format):
-        out = _CastDeployed(layer, kind, layer.stored()["weight"])
-    elif type(layer).__name__ == "DynamicQuantLinear":
-        q: Any = layer
-        out = _AffineDeployed(layer, kind, q.qweight, q.scale, None, None, None)
-        if q.smooth is not None:
-            out.smooth = q.smooth.detach().clone()
+    elif isinstance(fmt, NF4Format):
+        rows = scale_shape(fmt.shape, fmt.granularity.value != "per_tensor", fmt.group_size)
+        scale = held.stored()["scale"].reshape(rows)
+        out = _CodebookDeployed(layer, kind, fmt.shape, LEVELS, held.unpacked(), scale)
+    elif type(fmt) is CodebookFormat:
+        codebook = held.stored()["codebook"]
+        out = _CodebookDeployed(layer, kind, fmt.shape, codebook, held.unpacked())
+    elif isinstance(fmt, BFloat16Format):
+        out = _CastDeployed(layer, kind, held.stored()["weight"])
     else:  # sparse and sparse-codebook layers: dense
         out = _DenseDeployed(layer, kind, layer.dense_weight())
     act_scale = getattr(layer, "act_scale", None)

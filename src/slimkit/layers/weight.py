@@ -90,8 +90,9 @@ class FormatWeight(CompressedModule):
     def kernel_weight(self) -> torch.Tensor:
         """The weight the kernel runs with: the format's native tensor where this CPU
         computes in its dtype, else the decoded fp32 weight."""
-        native = self.format.native(self.stored())
-        return self.dense_weight() if native is None else native
+        stored = self.stored()
+        native = self.format.native(stored)
+        return self.format.decode(stored, self.unpacked()) if native is None else native
 
     @classmethod
     def stream_count(cls, spec: dict[str, Any]) -> int:

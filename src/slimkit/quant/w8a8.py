@@ -17,10 +17,11 @@ from torch import nn
 
 from slimkit.calib.capture import input_absmax
 from slimkit.compressed import CompressedModule, compressed_module
-from slimkit.config import StageConfig
+from slimkit.config import Granularity, StageConfig
 from slimkit.context import Context
 from slimkit.errors import ConfigError
 from slimkit.formats import primitives as P
+from slimkit.formats.affine import AffineFormat
 from slimkit.layers.shapes import LinearOp
 from slimkit.quant import kernels
 from slimkit.quant.smoothquant import smoothing_factors
@@ -89,9 +90,24 @@ class DynamicQuantLinear(LinearOp, CompressedModule):
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    @property
+    def format(self) -> AffineFormat:
+        """The weight's storage as a weight format: int8 per-channel symmetric codes, the
+        SmoothQuant factor as the input scale (for an exporter or a report)."""
+        shape = (self.out_features, self.in_features)
+        smooth = self.smooth is not None
+        return AffineFormat(shape, 8, True, Granularity.PER_CHANNEL, None, smooth)
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        """The tensors of ``format``, by its names."""
+        out = {"qweight": self.qweight, "scale": self.scale}
+        return out if self.smooth is None else {**out, "in_scale": self.smooth}
+
+    def unpacked(self) -> torch.Tensor:
+        return self.qweight
+
     def dense_weight(self) -> torch.Tensor:
-        w = self.qweight.float() * self.scale  # (N, K)
-        return w if self.smooth is None else w * self.smooth.reshape(1, -1)
+        return self.format.decode(self.stored(), self.qweight)
 
     def n_params(self) -> int:
         return self.qweight.numel()
