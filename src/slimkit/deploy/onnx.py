@@ -8,7 +8,7 @@ ONNX has:
   the integer codes as an int8 constant (int4 when every code fits, which holds for 2..4-bit
   layers: ONNX packs it two codes a byte) into ``DequantizeLinear`` with the layer's scales:
   per tensor, per output channel (``axis``) or per group of inputs (``block_size``);
-  ``in_scale`` (AWQ) as a ``Mul``;
+  ``in_scale`` (AWQ, SmoothQuant) as a ``Mul`` on the layer input;
 - static activation ranges (w8a8-static, QAT): ``QuantizeLinear`` / ``DequantizeLinear`` on
   the layer input (a ``Clip`` between them below 8 bits), the runtime's integer pattern;
 - w8a8 dynamic: the int8 weight as above (its SmoothQuant factor is the format's input
@@ -130,9 +130,18 @@ class _Deployed(nn.Module):
         """A Linear's weight transposed, (in, out): a MatMul's right operand."""
         return self.weight().t()
 
+    def input_scale(self) -> torch.Tensor | None:
+        """A factor per input channel applied to the (quantized) input rather than folded
+        into the weight: the weight's constant then feeds its MatMul or Conv directly, the
+        pattern runtimes compile into integer kernels."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is not None:
             x = _FakeQuant.apply(x, self.act_scale, self.act_zero, *self.act)
+        scale = self.input_scale()
+        if scale is not None:
+            x = x * (scale if self.kind == "linear" else scale.reshape(-1, 1, 1))
         if self.kind == "linear":
             y = torch.matmul(x, self.weight_t())
             return y if self.bias is None else y + self.bias
@@ -189,15 +198,20 @@ class _AffineDeployed(_Deployed):
     def _dequantized(self) -> torch.Tensor:
         return _Dequantize.apply(self.codes, self.scale, self.zero, self.axis, self.block)  # type: ignore[no-any-return]
 
+    def _on_input(self) -> bool:
+        """Whether ``in_scale`` can go on the input: one factor per input channel (a
+        Linear, or a convolution of groups 1)."""
+        return self.kind == "linear" or (self.kind == "conv" and self.geometry["groups"] == 1)
+
+    def input_scale(self) -> torch.Tensor | None:
+        return self.in_scale if self._on_input() else None
+
     def weight_t(self) -> torch.Tensor:
-        w = self._dequantized()  # (K, N)
-        if self.in_scale is not None:
-            w = w * self.in_scale.reshape(-1, 1)
-        return w
+        return self._dequantized()  # (K, N); in_scale goes on the input
 
     def weight(self) -> torch.Tensor:
         w = self._dequantized().reshape(self.shape)
-        if self.in_scale is not None:
+        if self.in_scale is not None and not self._on_input():
             view = [1] * len(self.shape)
             view[1] = -1
             w = w * self.in_scale.reshape(view)
