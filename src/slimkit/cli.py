@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import signal
 import sys
@@ -240,25 +241,43 @@ def eval_cmd(
 def export_cmd(
     artifact: Annotated[Path, typer.Argument(help="Artifact directory.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
-    format: Annotated[str, typer.Option("--format", "-f", help="onnx or openvino.")] = "onnx",
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format", "-f", help="onnx, openvino, or auto (the fastest faithful, measured here)."
+        ),
+    ] = "onnx",
     task: Annotated[str | None, typer.Option("--task", "-t", help="Task of the inputs.")] = None,
     model_dir: ModelDirOpt = None,
     data: DataOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an export.")] = False,
+    runs: Annotated[int, typer.Option(min=1, help="Timed calls per runtime (auto).")] = 5,
 ) -> None:
     """Export an artifact to a runtime's own model, its weights kept compressed."""
-    from slimkit.deploy import FORMATS, export, exported_files
+    from slimkit.deploy import CHOICES, META, export, exported_files
     from slimkit.io.artifact import load, read_manifest
 
-    if format not in FORMATS:
-        raise ConfigError(f"--format {format!r}; allowed: {', '.join(FORMATS)}")
+    if format not in CHOICES:
+        raise ConfigError(f"--format {format!r}; allowed: {', '.join(CHOICES)}")
     manifest = read_manifest(artifact)
     the_task = _artifact_task(artifact, manifest, task, model_dir, data)
     with _signals_raise(), _progress() as step:
         step(f"loading {artifact}")
         model = load(artifact)
-        step(f"exporting to {format}")
-        path = export(model, out, format, the_task.example_inputs(), overwrite=overwrite)
+        step("timing every installed runtime" if format == "auto" else f"exporting to {format}")
+        path = export(
+            model, out, format, the_task.example_inputs(), overwrite=overwrite,
+            inputs=the_task.latency_inputs(), runs=runs,
+        )  # fmt: skip
+    chosen = json.loads((path / META).read_text()).get("chosen")
+    if chosen is not None:
+        console.print(f"measured on {chosen['device']} ({the_task.latency_description()}):")
+        for row in chosen["measured"]:
+            mark = "  <- written" if row["runtime"] == chosen["runtime"] else ""
+            console.print(
+                f"  {row['runtime']}: {row['median_ms']:.1f} ms, cosine {row['cosine']:.5f}"
+                f"{'' if row['faithful'] else ' (not faithful)'}{mark}"
+            )
     for name, size in exported_files(path).items():
         console.print(f"{path / name}: {size:,} bytes")
 

@@ -241,7 +241,23 @@ def test_export_text_model_with_dynamic_batch_and_length(capsys, tmp_path, tiny_
 
 def test_export_unknown_format_exits_2_before_loading(capsys, tmp_path):
     code, text = run(capsys, "export", tmp_path / "nothing", "--format", "tflite", "-o", tmp_path)
-    assert code == 2 and "--format 'tflite'; allowed: onnx, openvino" in one_error_line(text)
+    assert code == 2 and "--format 'tflite'; allowed: onnx, openvino, auto" in one_error_line(text)
+
+
+def test_export_auto_times_the_runtimes_and_writes_the_fastest_faithful(capsys, tmp_path, tiny_hf):
+    out = tmp_path / "out"
+    assert compress(capsys, tiny_hf, out, RECIPES / "w8-rtn.yaml")[0] == 0
+    args = ("export", out, *hf_args(tiny_hf), "-o", tmp_path / "x", "-f", "auto", "--runs", "2")
+    code, text = run(capsys, *args)
+    assert code == 0, text
+    chosen = json.loads((tmp_path / "x" / "export.json").read_text())["chosen"]
+    rows = {r["runtime"]: r for r in chosen["measured"]}
+    assert "torch" in rows and "onnxruntime" in rows
+    best = min(
+        (r for r in rows.values() if r["format"] and r["faithful"]), key=lambda r: r["median_ms"]
+    )
+    assert chosen["runtime"] == best["runtime"]
+    assert f"{best['runtime']}: " in text and "<- written" in text
 
 
 def test_compress_evaluates_each_model_on_each_runtime(capsys, tmp_path, tiny_hf):

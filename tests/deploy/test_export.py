@@ -17,6 +17,7 @@ import yaml
 from torch import nn
 
 import slimkit
+from slimkit.cpu import has_int8_dot
 from slimkit.errors import ArtifactError, ConfigError
 from slimkit.recipe import resolve, shipped_dir
 from tests.deploy.toys import ToyImageTask
@@ -92,8 +93,11 @@ def test_integer_weights_stay_integers_and_4_bits_take_half_a_byte(
     w8 = slimkit.export(compressed(toy, "w8-rtn", tmp_path), tmp_path / "w8", "onnx", toy.x[:2])
     w4 = slimkit.export(compressed(toy, "w4-rtn", tmp_path), tmp_path / "w4", "onnx", toy.x[:2])
     assert set(_weight_inputs(w8).values()) == {onnx.TensorProto.INT8}
-    assert len(_weight_inputs(w8)) == 4 and len(_weight_inputs(w4)) == 4
+    # w4's convolutions as int4 DequantizeLinear, its grouped Linears as MatMulNBits
+    assert len(_weight_inputs(w8)) == 4 and len(_weight_inputs(w4)) == 2
     assert set(_weight_inputs(w4).values()) == {onnx.TensorProto.INT4}
+    ops = [n.op_type for n in onnx.load(str(w4 / "model.onnx")).graph.node]
+    assert ops.count("MatMulNBits") == 2
     size = {p: (p / "model.onnx").stat().st_size for p in (fp32, w8, w4)}
     # measured: 0.36x and 0.31x (the toy's float biases, scales and the graph weigh in)
     assert size[w4] < size[w8] < 0.40 * size[fp32] and size[w4] < 0.34 * size[fp32]
@@ -141,7 +145,10 @@ def test_openvino_reads_the_export(recipe: str, toy: ToyImageTask, tmp_path: Pat
     got = np.asarray(compiled(x.numpy())[0])
     with torch.inference_mode():
         want = model(x).numpy()
-    assert cosine(got, want) >= 0.9999
+    # without VNNI, oneDNN's u8 x s8 kernels halve int8 weights to 7 bits (so that pairwise
+    # sums cannot saturate): measured 0.99910 for w8a8-static on an AVX2-only CPU
+    floor = 0.9999 if recipe != "w8a8-static" or has_int8_dot() else 0.998
+    assert cosine(got, want) >= floor
 
 
 def test_bad_input_fails_before_anything_is_written(toy: ToyImageTask, tmp_path: Path) -> None:

@@ -3,12 +3,16 @@
 ``export(model, path, format=..., example=...)`` writes a directory:
 
 - ``onnx``: ``model.onnx`` (:mod:`slimkit.deploy.onnx`: integer weights as
-  ``DequantizeLinear`` of int8 / int4 constants, static activation ranges as
-  ``QuantizeLinear`` / ``DequantizeLinear``, codebooks as ``Gather``);
+  ``DequantizeLinear`` of int8 / int4 constants, grouped 4-bit Linears as onnxruntime's
+  ``MatMulNBits``, static activation ranges as ``QuantizeLinear`` / ``DequantizeLinear``,
+  codebooks as ``Gather``);
 - ``openvino``: ``model.xml`` + ``model.bin``, OpenVINO's reading of that ONNX graph (its
   weight constants stay integers);
 
 and ``export.json`` (the format, opset, input names, the layers and how each was written).
+``auto`` measures first (:mod:`slimkit.deploy.choose`): the model exported to every installed
+runtime and timed alternately with torch on this machine, the fastest faithful one written,
+every measurement recorded under ``chosen`` in ``export.json``.
 Text models get dynamic batch and sequence axes, image models a dynamic batch. Every layer is
 checked before anything is built; the directory is written beside the target and renamed into
 place, so an existing export is never half-overwritten (it is replaced only with
@@ -33,6 +37,8 @@ from slimkit.data import Batch
 from slimkit.errors import ArtifactError, ConfigError
 
 FORMATS = ("onnx", "openvino")
+#: the formats ``export`` takes: a runtime's, or ``auto`` (the fastest faithful one, measured)
+CHOICES = (*FORMATS, "auto")
 #: the file that marks a directory as an export (and describes it)
 META = "export.json"
 
@@ -44,15 +50,19 @@ def export(
     example: Batch | None = None,
     *,
     overwrite: bool = False,
+    inputs: Batch | None = None,
+    runs: int = 5,
 ) -> Path:
     """Write ``model`` (run on ``example``, one batch of its inputs) as ``format`` into the
-    directory ``path``; return it. ConfigError for an unknown format, a missing example or a
-    layer the format cannot express (naming it), ArtifactError for a target that is not an
-    earlier export (or is one, without ``overwrite``)."""
+    directory ``path``; return it. With ``auto``, each installed runtime is timed on
+    ``inputs`` (default ``example``) over ``runs`` warm calls first. ConfigError for an
+    unknown format, a missing example, a layer the format cannot express (naming it) or no
+    faithful runtime, ArtifactError for a target that is not an earlier export (or is one,
+    without ``overwrite``)."""
     from slimkit.deploy import onnx as to_onnx
 
-    if format not in FORMATS:
-        raise ConfigError(f"export format {format!r}; allowed: {', '.join(FORMATS)}")
+    if format not in CHOICES:
+        raise ConfigError(f"export format {format!r}; allowed: {', '.join(CHOICES)}")
     if example is None:
         raise ConfigError("export needs an example input (one batch the model takes)")
     try:
@@ -60,12 +70,18 @@ def export(
     except ValueError as e:
         raise ConfigError(f"export to {format}: {e}") from None
     target = _check_target(Path(path), overwrite)
-    data = to_onnx.onnx_bytes(model, example)
-    meta = {
+    chosen: dict[str, Any] = {}
+    if format == "auto":
+        measure_on = example if inputs is None else inputs
+        format, chosen = _choose(model, example, measure_on, target, runs)
+    # MatMulNBits and MatMulInteger for onnxruntime; OpenVINO gets DequantizeLinear weights
+    data = to_onnx.onnx_bytes(model, example, ort_kernels=format == "onnx")
+    meta: dict[str, Any] = {
         "format": format,
         "opset": to_onnx.OPSET,
         "inputs": to_onnx.input_names(example),
         "layers": layer_forms(model),
+        **chosen,
     }
     with _staged(target) as stage:
         (stage / "model.onnx").write_bytes(data)
@@ -74,6 +90,39 @@ def export(
             (stage / "model.onnx").unlink()
         (stage / META).write_text(json.dumps(meta, indent=2) + "\n")
     return target
+
+
+def _choose(
+    model: nn.Module, example: Batch, inputs: Batch, target: Path, runs: int
+) -> tuple[str, dict[str, Any]]:
+    """The fastest faithful format, measured here, and its record for ``export.json``."""
+    from slimkit.cpu import device
+    from slimkit.deploy.choose import FAITHFUL_COSINE, fastest, installed_runtimes, measure_runtimes
+
+    if not installed_runtimes():
+        raise ConfigError(
+            "export format 'auto': no runtime is installed (pip install slimkit[deploy])"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.measure-", dir=target.parent))
+    try:
+        rows = measure_runtimes(model, example, inputs, work, runs=runs)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    best = fastest(rows)
+    if best is None or best.format is None:
+        found = ", ".join(f"{r.runtime} {r.cosine:.5f}" for r in rows if r.format)
+        raise ConfigError(
+            f"export format 'auto': no runtime keeps the outputs' cosine >= {FAITHFUL_COSINE} "
+            f"({found})"
+        )
+    record = {
+        "runtime": best.runtime,
+        "device": device(),
+        "rule": f"the fastest export whose outputs keep cosine >= {FAITHFUL_COSINE} to torch's",
+        "measured": [r.as_dict() for r in rows],
+    }
+    return best.format, {"chosen": record}
 
 
 def layer_forms(model: nn.Module) -> dict[str, str]:

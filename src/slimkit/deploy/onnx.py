@@ -8,11 +8,17 @@ ONNX has:
   the integer codes as an int8 constant (int4 when every code fits, which holds for 2..4-bit
   layers: ONNX packs it two codes a byte) into ``DequantizeLinear`` with the layer's scales:
   per tensor, per output channel (``axis``) or per group of inputs (``block_size``);
-  ``in_scale`` (AWQ, SmoothQuant) as a ``Mul`` on the layer input;
+  ``in_scale`` (AWQ, SmoothQuant) as a ``Mul`` on the layer input. For onnxruntime
+  (``ort_kernels=True``) a Linear whose codes fit 4 bits in groups of a power of two >= 16 becomes
+  one ``com.microsoft.MatMulNBits`` node instead: its codes packed two a byte, one scale (and
+  zero point, when not 8) per group, the last group of a row shorter when the group size does
+  not divide the input size; onnxruntime runs it without ever expanding the weight;
 - static activation ranges (w8a8-static, QAT): ``QuantizeLinear`` / ``DequantizeLinear`` on
   the layer input (a ``Clip`` between them below 8 bits), the runtime's integer pattern;
 - w8a8 dynamic: the int8 weight as above (its SmoothQuant factor is the format's input
-  scale); the activations stay float (the runtime may quantize them dynamically);
+  scale). For onnxruntime the input is quantized per token in the graph (``ReduceMax`` of
+  ``Abs``, ``Round``, ``Cast`` to int8) into ``MatMulInteger`` with the int8 codes, the
+  layer's own integer arithmetic; for OpenVINO the activations stay float;
 - codebooks (k-means, NF4): the indices as a uint8 constant (int4 below 5 bits would need a
   ``Cast`` that runtimes lack; uint8 is one byte a weight) into ``Gather`` from the codebook;
 - bf16 weights: a bf16 constant ``Cast`` to fp32;
@@ -74,6 +80,122 @@ class _Dequantize(torch.autograd.Function):
         if block:
             return g.op("DequantizeLinear", codes, scale, zero, axis_i=axis, block_size_i=block)
         return g.op("DequantizeLinear", codes, scale, zero, axis_i=axis)
+
+
+class _MatMulNBits(torch.autograd.Function):
+    """``x @ weight.T`` for the (N, K) weight ``(codes - zero) * scale`` per group of
+    ``block`` inputs, computed from the packed tensors of :func:`nbits_tensors` (eager) or as
+    onnxruntime's ``MatMulNBits`` on them (ONNX)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+        zeros: torch.Tensor | None, k: int, block: int,
+    ) -> torch.Tensor:  # fmt: skip
+        return torch.matmul(x, nbits_weight(packed, scales, zeros, k).t())
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, packed: Any, scales: Any, zeros: Any, k: int, block: int) -> Any:
+        n = packed.type().sizes()[0]
+        inputs = [x, packed, scales] + ([] if _is_none(zeros) else [zeros])
+        y = g.op(
+            "com.microsoft::MatMulNBits", *inputs, K_i=k, N_i=n, bits_i=NBITS,
+            block_size_i=block,
+        )  # fmt: skip
+        sizes = x.type().varyingSizes()  # the exporter's shape inference: x's, last one N
+        if sizes is not None:
+            y.setType(x.type().with_sizes([*sizes[:-1], n]))
+        return y
+
+
+def nbits_weight(
+    packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, k: int
+) -> torch.Tensor:
+    """The (N, K) fp32 weight the ``MatMulNBits`` tensors hold."""
+    n, g, half = packed.shape
+    u = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(n, g, 2 * half).float()
+    if zeros is None:
+        z = torch.full((n, g, 1), 8.0)
+    else:
+        both = torch.stack([zeros & 0x0F, zeros >> 4], dim=-1).reshape(n, -1)
+        z = both[:, :g].float().unsqueeze(-1)
+    w = (u - z) * scales.reshape(n, g, 1)
+    return w.reshape(n, -1)[:, :k]
+
+
+def _is_none(value: Any) -> bool:
+    return bool(value.node().mustBeNone()) if hasattr(value, "node") else value is None
+
+
+#: the bit width of the codes ``MatMulNBits`` is given (every 2..4-bit code fits)
+NBITS = 4
+
+
+def nbits_tensors(
+    codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, block: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """``MatMulNBits``' constants for (N, K) integer ``codes`` with (N, G) ``zero`` and
+    ``scale`` per group of ``block`` inputs (the last group may be shorter): ``(packed (N,
+    G, block / 2) uint8, scales (N * G,), zero points packed two a byte per row or None when
+    every one is 8)``; None when the codes do not fit 4 unsigned bits or ``block`` is not a
+    power of two >= 16."""
+    n, k = codes.shape
+    g = -(-k // block)
+    if block < 16 or block & (block - 1) or zero.shape != (n, g) or scale.shape != (n, g):
+        return None
+    c, z0 = codes.to(torch.int16), zero.round().to(torch.int16)
+
+    def fits(offset: int) -> bool:
+        lo, hi = min(int(c.min()), int(z0.min())), max(int(c.max()), int(z0.max()))
+        return lo + offset >= 0 and hi + offset <= 15
+
+    # signed codes shift by 8 (a symmetric layer's zero points then are the default 8)
+    offset = next((o for o in (8, 0) if fits(o)), None)
+    if offset is None:
+        return None
+    u, z = c + offset, z0 + offset
+    pad = g * block - k  # the short last group: padded with its zero point (weight 0)
+    if pad:
+        u = torch.cat([u, z[:, -1:].expand(n, pad)], dim=1)
+    u = u.to(torch.uint8).reshape(n, g, block // 2, 2)
+    packed = (u[..., 0] | (u[..., 1] << 4)).contiguous()
+    zeros = None
+    if bool((z != 8).any()):
+        zp = z.to(torch.uint8)
+        if g % 2:
+            zp = torch.cat([zp, torch.full((n, 1), 8, dtype=torch.uint8)], dim=1)
+        zeros = (zp[:, 0::2] | (zp[:, 1::2] << 4)).reshape(-1).contiguous()
+    return packed, scale.float().reshape(-1).contiguous(), zeros
+
+
+class _DynamicInt8(torch.autograd.Function):
+    """``x @ W`` with ``x`` quantized on the fly to symmetric int8 per row (token) and ``W``
+    (K, N) int8 codes with one scale per output column: eager, that integer arithmetic; in
+    ONNX, the row scales from ``ReduceMax(Abs(x))`` and ``MatMulInteger`` of the int8 codes.
+    (Shifting the activation codes to uint8 would take onnxruntime's u8 x s8 kernels, whose
+    16-bit pairwise sums saturate on CPUs without VNNI: int8 x int8 is exact everywhere.)"""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor:
+        s = x.abs().amax(dim=-1, keepdim=True).clamp(min=DYNAMIC_EPS) / 127.0
+        q = torch.round(x / s)
+        return (torch.matmul(q.double(), codes.double()).float() * s) * scale
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, codes: Any, scale: Any) -> Any:
+        axes = g.op("Constant", value_t=torch.tensor([-1], dtype=torch.int64))
+        amax = g.op("ReduceMax", g.op("Abs", x), axes, keepdims_i=1)
+        eps = g.op("Constant", value_t=torch.tensor(DYNAMIC_EPS))
+        s = g.op("Div", g.op("Max", amax, eps), g.op("Constant", value_t=torch.tensor(127.0)))
+        q = g.op("Cast", g.op("Round", g.op("Div", x, s)), to_i=3)  # INT8
+        y = g.op("MatMulInteger", q, codes)
+        return g.op("Mul", g.op("Mul", g.op("Cast", y, to_i=1), s), scale)  # FLOAT
+
+
+#: the floor of a row's max |x| in dynamic quantization (as the torch kernels)
+DYNAMIC_EPS = 1e-12
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -194,6 +316,34 @@ class _AffineDeployed(_Deployed):
         self.register_buffer("scale", s.float().contiguous())
         self.register_buffer("zero", z.round().to(torch.int8).contiguous())
         self.register_buffer("in_scale", None if in_scale is None else in_scale.detach().clone())
+        self.nbits = False
+        self.dynamic = False
+
+    def use_dynamic(self, bits: int) -> bool:
+        """Quantize the input to int8 per token on the fly and multiply the integer codes
+        (``MatMulInteger``), where the layer is a Linear of int8 codes, one scale per output
+        channel, symmetric; whether it does."""
+        ok = bits == 8 and self.kind == "linear" and self.axis == 1
+        self.dynamic = ok and not bool(self.zero.any())
+        return self.dynamic
+
+    def use_nbits(self) -> bool:
+        """Run as onnxruntime's ``MatMulNBits`` where the layer fits it (a Linear of 4-bit
+        codes in groups); whether it does."""
+        found = None
+        if self.kind == "linear" and self.block and self.axis == 0:
+            # stored (K, N) / (G, N): MatMulNBits takes them per output row
+            found = nbits_tensors(self.codes.t(), self.zero.t(), self.scale.t(), self.block)
+        if found is not None:
+            packed, scales, zeros = found
+            self.register_buffer("nbits_packed", packed)
+            self.register_buffer("nbits_scales", scales)
+            self.register_buffer("nbits_zeros", zeros)
+            for name in ("codes", "scale", "zero"):  # not written: the packed form replaces them
+                delattr(self, name)
+                self.register_buffer(name, None)
+            self.nbits = True
+        return self.nbits
 
     def _dequantized(self) -> torch.Tensor:
         return _Dequantize.apply(self.codes, self.scale, self.zero, self.axis, self.block)  # type: ignore[no-any-return]
@@ -208,6 +358,24 @@ class _AffineDeployed(_Deployed):
 
     def weight_t(self) -> torch.Tensor:
         return self._dequantized()  # (K, N); in_scale goes on the input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic:
+            if self.in_scale is not None:
+                x = x * self.in_scale
+            y = _DynamicInt8.apply(x, self.codes, self.scale)
+            return y if self.bias is None else y + self.bias
+        if not self.nbits:
+            return super().forward(x)
+        if self.act is not None:
+            x = _FakeQuant.apply(x, self.act_scale, self.act_zero, *self.act)
+        if self.in_scale is not None:
+            x = x * self.in_scale
+        k = self.shape[1]
+        y = _MatMulNBits.apply(
+            x, self.nbits_packed, self.nbits_scales, self.nbits_zeros, k, self.block
+        )
+        return y if self.bias is None else y + self.bias
 
     def weight(self) -> torch.Tensor:
         w = self._dequantized().reshape(self.shape)
@@ -283,9 +451,10 @@ def _kind(layer: nn.Module) -> str | None:
     return None
 
 
-def deploy_layer(name: str, layer: nn.Module) -> nn.Module:
-    """The ONNX-expressible twin of one compressed layer; ValueError naming the layer when
-    its form cannot be written."""
+def deploy_layer(name: str, layer: nn.Module, ort_kernels: bool = False) -> nn.Module:
+    """The ONNX-expressible twin of one compressed layer (with ``ort_kernels``, grouped 4-bit
+    Linears as ``MatMulNBits`` and w8a8 as ``MatMulInteger``); ValueError naming the layer
+    when its form cannot be written."""
     layer = layer.deployed() if isinstance(layer, CompressedModule) else layer
     if not isinstance(layer, CompressedModule) or isinstance(layer, ComposedModule):
         return layer
@@ -304,6 +473,12 @@ def deploy_layer(name: str, layer: nn.Module) -> nn.Module:
             layer, kind, held.unpacked(), t["scale"], t.get("zero_point"), fmt.group_size,
             t.get("in_scale"),
         )  # fmt: skip
+        if ort_kernels:
+            bits = getattr(layer, "dynamic_activations", None)
+            if bits is not None:
+                out.use_dynamic(bits)
+            else:
+                out.use_nbits()
     elif isinstance(fmt, NF4Format):
         rows = scale_shape(fmt.shape, fmt.granularity.value != "per_tensor", fmt.group_size)
         scale = held.stored()["scale"].reshape(rows)
@@ -322,8 +497,9 @@ def deploy_layer(name: str, layer: nn.Module) -> nn.Module:
     return out
 
 
-def deploy_twin(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose compressed layers are their ONNX-expressible twins."""
+def deploy_twin(model: nn.Module, ort_kernels: bool = False) -> nn.Module:
+    """A copy of ``model`` whose compressed layers are their ONNX-expressible twins (with
+    ``ort_kernels``, onnxruntime's kernels where a layer fits them)."""
     import copy
 
     twin = copy.deepcopy(model).eval()
@@ -334,7 +510,7 @@ def deploy_twin(model: nn.Module) -> nn.Module:
         owner = twin.get_submodule(parent) if parent else twin
         if isinstance(owner, _Deployed) or not hasattr(owner, attr):
             continue
-        replacement = deploy_layer(name, module)
+        replacement = deploy_layer(name, module, ort_kernels)
         if replacement is not module:
             setattr(owner, attr, replacement)
     return twin
@@ -393,11 +569,14 @@ class _Positional(nn.Module):
         return first  # type: ignore[no-any-return]
 
 
-def onnx_bytes(model: nn.Module, example: Batch, dynamic_axes: bool = True) -> bytes:
-    """The ONNX model (serialized) of ``model``'s deploy twin run on ``example``."""
+def onnx_bytes(
+    model: nn.Module, example: Batch, dynamic_axes: bool = True, ort_kernels: bool = False
+) -> bytes:
+    """The ONNX model (serialized) of ``model``'s deploy twin run on ``example``; with
+    ``ort_kernels``, onnxruntime's ``MatMulNBits`` and ``MatMulInteger`` where layers fit."""
     import onnx
 
-    twin = deploy_twin(model)
+    twin = deploy_twin(model, ort_kernels)
     args, kwargs, names = _inputs(example)
     if kwargs:
         twin, args = _Positional(twin, names), tuple(kwargs.values())
@@ -417,11 +596,16 @@ def onnx_bytes(model: nn.Module, example: Batch, dynamic_axes: bool = True) -> b
             twin, args, buffer,  # type: ignore[arg-type]
             dynamo=False, opset_version=OPSET, input_names=names, output_names=["output"],
             dynamic_axes=axes or None, do_constant_folding=False,
+            custom_opsets={"com.microsoft": 1} if _uses_nbits(twin) else None,
         )  # fmt: skip
     graph = onnx.load_from_string(buffer.getvalue())
     _fold_transposes(graph)
     _narrow_codes(graph)
     return bytes(graph.SerializeToString())
+
+
+def _uses_nbits(twin: nn.Module) -> bool:
+    return any(isinstance(m, _AffineDeployed) and m.nbits for m in twin.modules())
 
 
 def _fold_transposes(model: Any) -> None:

@@ -44,6 +44,8 @@ class DynamicQuantLinear(LinearOp, CompressedModule):
     scale: torch.Tensor
     smooth: torch.Tensor | None
     spec_rules: ClassVar[dict[str, Rule]] = {"kernel": spec_choice("auto", *KERNEL_NOTES)}
+    #: the input is quantized on the fly to symmetric codes of this many bits per token
+    dynamic_activations: ClassVar[int] = 8
 
     def _init_storage(
         self, shape: tuple[int, ...], smoothquant: bool = False, kernel: str = "auto"
