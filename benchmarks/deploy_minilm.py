@@ -10,13 +10,15 @@ runs from (the export's files, or the artifact). Rows:
 - torch: fp32 (the baseline), weights cast to bf16 (the whole model), slimkit bf16 / w8a8 /
   w8a8-static / w4-gptq artifacts;
 - onnxruntime: the fp32 export, its ``quantize_dynamic`` int8 per channel (the peer), and
-  slimkit's exports of w8a8-static, w4-gptq, bf16;
+  slimkit's exports of w8a8 (``MatMulInteger``), w8a8-static, w4-gptq (``MatMulNBits``), bf16;
 - OpenVINO: the fp32 export in fp32 and bf16 inference precision (the peer), NNCF's
   post-training int8 of it on the same calibration paragraphs (when ``nncf`` is installed),
-  slimkit's exports of w8a8-static and w4-gptq (bf16 precision where the CPU has it).
+  slimkit's OpenVINO exports of w8a8, w8a8-static, bf16 and w4-gptq (bf16 precision where
+  the CPU has it).
 
 Prints the CPU model and flags, the table and the issue's targets; writes
-``benchmarks/results/deploy_minilm.{json,md}``.
+``benchmarks/results/deploy_minilm.<cpu>.{json,md}``, ``<cpu>`` the kind of CPU it ran on
+(``amx``, ``avx512-bf16``, ``vnni`` or ``avx2``), so that each kind keeps its own table.
 
     python benchmarks/deploy_minilm.py [--runs 10] [--only ROW ...]
 """
@@ -111,11 +113,12 @@ def exported(recipe: str | None, runtime: str, precision: str | None = None) -> 
     def build(b: Bench, row: dict[str, Any]) -> Any:
         from slimkit.deploy.runtime import RuntimeModel
 
-        path = b.exported(recipe)
+        path = b.exported(recipe, "openvino" if runtime == "openvino" else "onnx")
         row["size_bytes"] = _dir_bytes(path) - (path / "export.json").stat().st_size
         if recipe is not None:
             row["compress_s"] = b.artifact(recipe)[2]
-        return RuntimeModel(path, runtime, threads=THREADS, precision=precision)
+        wanted = _ov_precision() if precision == "auto" else precision
+        return RuntimeModel(path, runtime, threads=THREADS, precision=wanted)
 
     return build
 
@@ -173,14 +176,17 @@ ROWS: dict[str, tuple[str, str, Build]] = {
     "w4-gptq": ("torch", "slimkit w4-gptq", slimkit_torch("w4-gptq")),
     "ort-fp32": ("onnxruntime", "fp32 export", exported(None, "onnxruntime")),
     "ort-int8-dynamic": ("onnxruntime", "quantize_dynamic int8 per-channel", ort_quantize_dynamic),
+    "ort-w8a8": ("onnxruntime", "slimkit export (MatMulInteger)", exported("w8a8", "onnxruntime")),
     "ort-w8a8-static": ("onnxruntime", "slimkit export", exported("w8a8-static", "onnxruntime")),
-    "ort-w4-gptq": ("onnxruntime", "slimkit export", exported("w4-gptq", "onnxruntime")),
+    "ort-w4-gptq": ("onnxruntime", "slimkit (MatMulNBits)", exported("w4-gptq", "onnxruntime")),
     "ort-bf16": ("onnxruntime", "slimkit export", exported("bf16", "onnxruntime")),
     "ov-fp32": ("openvino", "fp32 export, f32 precision", exported(None, "openvino", "f32")),
     "ov-bf16": ("openvino", "fp32 export, bf16 precision", exported(None, "openvino", "bf16")),
     "ov-nncf-int8": ("openvino", "NNCF quantize (transformer preset)", nncf_int8),
-    "ov-w8a8-static": ("openvino", "slimkit export", exported("w8a8-static", "openvino", "bf16")),
-    "ov-w4-gptq": ("openvino", "slimkit export", exported("w4-gptq", "openvino", "bf16")),
+    "ov-w8a8": ("openvino", "slimkit export", exported("w8a8", "openvino", "auto")),
+    "ov-w8a8-static": ("openvino", "slimkit export", exported("w8a8-static", "openvino", "auto")),
+    "ov-bf16-slimkit": ("openvino", "slimkit bf16 export", exported("bf16", "openvino", "auto")),
+    "ov-w4-gptq": ("openvino", "slimkit export", exported("w4-gptq", "openvino", "auto")),
 }  # fmt: skip
 PEERS = ("torch-bf16-cast", "ort-int8-dynamic", "ov-bf16", "ov-nncf-int8")
 
@@ -333,8 +339,20 @@ def run(argv: list[str] | None = None) -> None:
     text = markdown(rows, setup)
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    write_text(RESULTS / "deploy_minilm.json", json.dumps({"setup": setup, "rows": rows}, indent=1))
-    write_text(RESULTS / "deploy_minilm.md", text)
+    stem = f"deploy_minilm.{cpu_kind()}"
+    write_text(RESULTS / f"{stem}.json", json.dumps({"setup": setup, "rows": rows}, indent=1))
+    write_text(RESULTS / f"{stem}.md", text)
+
+
+def cpu_kind() -> str:
+    """The kind of CPU, for the results' file name: its fastest int8 / bf16 instructions."""
+    from slimkit.cpu import cpu_flags, has_bf16, has_int8_dot
+
+    if "amx_int8" in cpu_flags():
+        return "amx"
+    if has_bf16():
+        return "avx512-bf16"
+    return "vnni" if has_int8_dot() else "avx2"
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import slimkit
+from slimkit.deploy import choose
 from slimkit.deploy.onnx import nbits_tensors, nbits_weight
 from tests.deploy.test_export import compressed
 from tests.deploy.toys import ToyImageTask
@@ -142,11 +143,13 @@ def test_grouped_4_bit_linears_export_as_matmul_nbits(tmp_path: Path) -> None:
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
 
 
+@pytest.mark.parametrize("layout", ["s8s8", "u8u8"])
 def test_w8a8_exports_as_matmul_integer_with_the_layers_arithmetic(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    layout: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # the torch layer's integer arithmetic with full 8-bit activation codes on any CPU
     monkeypatch.setenv("SLIMKIT_INT8_KERNEL", "reference")
+    monkeypatch.setattr(choose, "int8_layout", lambda: layout)
     toy = ToyImageTask()
     model = compressed(toy, "w8a8", tmp_path)
     out = slimkit.export(model, tmp_path / "o", "onnx", toy.example_inputs())
@@ -154,7 +157,8 @@ def test_w8a8_exports_as_matmul_integer_with_the_layers_arithmetic(
     nodes = [n for n in graph.node if n.op_type == "MatMulInteger"]
     assert len(nodes) == 2  # fc1 and fc2 (w8a8 quantizes Linears)
     inits = {t.name: t.data_type for t in graph.initializer}
-    assert all(inits[n.input[1]] == TensorProto.INT8 for n in nodes)
+    want_type = TensorProto.INT8 if layout == "s8s8" else TensorProto.UINT8
+    assert all(inits[n.input[1]] == want_type for n in nodes)
     x = toy.x[:16]
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     with torch.inference_mode():
@@ -162,6 +166,14 @@ def test_w8a8_exports_as_matmul_integer_with_the_layers_arithmetic(
     got = session.run(None, {"input": x.numpy()})[0]
     # the same codes and integer sums; only the float scale products may round differently
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
+
+
+def test_the_int8_layout_is_one_of_the_exact_ones_and_measured_once() -> None:
+    choose.int8_layout.cache_clear()
+    assert choose.int8_layout() in choose.INT8_LAYOUTS
+    assert choose.int8_layout.cache_info().hits == 0
+    choose.int8_layout()
+    assert choose.int8_layout.cache_info().hits == 1
 
 
 def test_openvino_gets_w8a8_without_onnxruntime_kernels(tmp_path: Path) -> None:

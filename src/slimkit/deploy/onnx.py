@@ -17,8 +17,9 @@ ONNX has:
   the layer input (a ``Clip`` between them below 8 bits), the runtime's integer pattern;
 - w8a8 dynamic: the int8 weight as above (its SmoothQuant factor is the format's input
   scale). For onnxruntime the input is quantized per token in the graph (``ReduceMax`` of
-  ``Abs``, ``Round``, ``Cast`` to int8) into ``MatMulInteger`` with the int8 codes, the
-  layer's own integer arithmetic; for OpenVINO the activations stay float;
+  ``Abs``, ``Round``, ``Cast``) into ``MatMulInteger`` with the codes, the layer's own
+  integer arithmetic, as int8 x int8 or as both shifted to uint8, whichever onnxruntime runs
+  faster on the exporting machine (measured once); for OpenVINO the activations stay float;
 - codebooks (k-means, NF4): the indices as a uint8 constant (int4 below 5 bits would need a
   ``Cast`` that runtimes lack; uint8 is one byte a weight) into ``Gather`` from the codebook;
 - bf16 weights: a bf16 constant ``Cast`` to fp32;
@@ -170,27 +171,36 @@ def nbits_tensors(
 
 class _DynamicInt8(torch.autograd.Function):
     """``x @ W`` with ``x`` quantized on the fly to symmetric int8 per row (token) and ``W``
-    (K, N) int8 codes with one scale per output column: eager, that integer arithmetic; in
-    ONNX, the row scales from ``ReduceMax(Abs(x))`` and ``MatMulInteger`` of the int8 codes.
-    (Shifting the activation codes to uint8 would take onnxruntime's u8 x s8 kernels, whose
-    16-bit pairwise sums saturate on CPUs without VNNI: int8 x int8 is exact everywhere.)"""
+    (K, N) integer codes with one scale per output column: eager, that integer arithmetic;
+    in ONNX, the row scales from ``ReduceMax(Abs(x))`` and one ``MatMulInteger``.
+
+    ``codes`` are int8 (``offset`` 0: int8 x int8) or the int8 codes + 128 as uint8 (``offset``
+    128: both operands shifted to uint8 around a zero point of 128). Both are exact; which is
+    faster depends on the CPU (:func:`slimkit.deploy.choose.int8_layout`). The third form,
+    uint8 x int8, is left out: without VNNI its 16-bit pairwise sums saturate."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
+        ctx: Any, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: int
     ) -> torch.Tensor:
         s = x.abs().amax(dim=-1, keepdim=True).clamp(min=DYNAMIC_EPS) / 127.0
         q = torch.round(x / s)
-        return (torch.matmul(q.double(), codes.double()).float() * s) * scale
+        w = codes.double() - offset if offset else codes.double()
+        return (torch.matmul(q.double(), w).float() * s) * scale
 
     @staticmethod
-    def symbolic(g: Any, x: Any, codes: Any, scale: Any) -> Any:
+    def symbolic(g: Any, x: Any, codes: Any, scale: Any, offset: int) -> Any:
         axes = g.op("Constant", value_t=torch.tensor([-1], dtype=torch.int64))
         amax = g.op("ReduceMax", g.op("Abs", x), axes, keepdims_i=1)
         eps = g.op("Constant", value_t=torch.tensor(DYNAMIC_EPS))
         s = g.op("Div", g.op("Max", amax, eps), g.op("Constant", value_t=torch.tensor(127.0)))
-        q = g.op("Cast", g.op("Round", g.op("Div", x, s)), to_i=3)  # INT8
-        y = g.op("MatMulInteger", q, codes)
+        q = g.op("Round", g.op("Div", x, s))
+        if offset:
+            q = g.op("Add", q, g.op("Constant", value_t=torch.tensor(float(offset))))
+            zero = g.op("Constant", value_t=torch.tensor(offset, dtype=torch.uint8))
+            y = g.op("MatMulInteger", g.op("Cast", q, to_i=2), codes, zero, zero)  # UINT8
+        else:
+            y = g.op("MatMulInteger", g.op("Cast", q, to_i=3), codes)  # INT8
         return g.op("Mul", g.op("Mul", g.op("Cast", y, to_i=1), s), scale)  # FLOAT
 
 
@@ -323,8 +333,13 @@ class _AffineDeployed(_Deployed):
         """Quantize the input to int8 per token on the fly and multiply the integer codes
         (``MatMulInteger``), where the layer is a Linear of int8 codes, one scale per output
         channel, symmetric; whether it does."""
+        from slimkit.deploy.choose import int8_layout
+
         ok = bits == 8 and self.kind == "linear" and self.axis == 1
         self.dynamic = ok and not bool(self.zero.any())
+        self.offset = 128 if self.dynamic and int8_layout() == "u8u8" else 0
+        if self.offset:
+            self.codes = (self.codes.to(torch.int16) + self.offset).to(torch.uint8)
         return self.dynamic
 
     def use_nbits(self) -> bool:
@@ -363,7 +378,7 @@ class _AffineDeployed(_Deployed):
         if self.dynamic:
             if self.in_scale is not None:
                 x = x * self.in_scale
-            y = _DynamicInt8.apply(x, self.codes, self.scale)
+            y = _DynamicInt8.apply(x, self.codes, self.scale, self.offset)
             return y if self.bias is None else y + self.bias
         if not self.nbits:
             return super().forward(x)
