@@ -277,6 +277,8 @@ def test_compress_evaluates_each_model_on_each_runtime(capsys, tmp_path, tiny_hf
     )
     assert ort["size_bytes"] < rows["fp32@onnxruntime"]["size_bytes"]
     assert ort["params"] == rows["w8-rtn"]["params"] and ort["latency_ms"]["median"] > 0
+    # robustness is the torch row's (the same weights), never copied onto the export's row
+    assert rows["w8-rtn"]["robustness"] and ort["robustness"] == {}
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["model.safetensors", "slimkit.json", "report.json", "report.md", "pareto.png"]
     )  # the exports were measured in a scratch directory

@@ -98,8 +98,10 @@ def _measure(task: Task, cand: Candidate, inputs: Any, step: Progress) -> Result
     model = cand.model
     step(f"{cand.name}: task metrics")
     metrics = {k: float(v) for k, v in task.evaluate(model).items()}
-    step(f"{cand.name}: robustness")
-    robustness = {k: float(v) for k, v in task.robustness(model).items()}
+    robustness: dict[str, float] = {}
+    if cand.exported_dir is None:  # an export's robustness is its torch row's (same weights)
+        step(f"{cand.name}: robustness")
+        robustness = {k: float(v) for k, v in task.robustness(model).items()}
     step(f"{cand.name}: size, params, MACs, memory")
     torch_model = cand.source or model
     if cand.exported_dir is None:
