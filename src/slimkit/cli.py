@@ -63,9 +63,14 @@ FAITHFUL = {"accuracy": 0.01, "cosine_mean": 0.003}
 
 TaskOpt = Annotated[str, typer.Option("--task", "-t", help="Built-in task name (see `tasks`).")]
 ModelDirOpt = Annotated[
-    Path | None, typer.Option("--model-dir", help="Hugging Face model directory (task hf).")
+    Path | None,
+    typer.Option(
+        "--model-dir", help="Hugging Face model directory (task hf), or a .gguf file (hf-causal)."
+    ),
 ]
-DataOpt = Annotated[Path | None, typer.Option("--data", help="JSONL data file (task hf).")]
+DataOpt = Annotated[
+    Path | None, typer.Option("--data", help="JSONL data file (task hf; .txt too for hf-causal).")
+]
 RunsOpt = Annotated[int, typer.Option("--runs", min=10, help="Timed warm runs per model.")]
 BatchOpt = Annotated[int | None, typer.Option("--batch", min=1, help="Latency batch size.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="Torch CPU threads.")]
@@ -152,8 +157,13 @@ def _make_task(name: str, model_dir: Path | None, data: Path | None) -> Task:
         if model_dir is None or data is None:
             raise TaskError("task 'hf' needs --model-dir DIR and --data FILE.jsonl")
         return tasks.get("hf", model_dir=model_dir, data=data)
+    if name == "hf-causal":  # --model-dir: a Hugging Face directory or a GGUF file
+        if model_dir is None:
+            raise TaskError("task 'hf-causal' needs --model-dir DIR (or a .gguf file)")
+        where = {"gguf" if model_dir.suffix.lower() == ".gguf" else "model_dir": model_dir}
+        return tasks.get("hf-causal", **where, data=data)
     if model_dir is not None or data is not None:
-        raise TaskError(f"--model-dir and --data go with --task hf, not with {name!r}")
+        raise TaskError(f"--model-dir and --data go with --task hf or hf-causal, not {name!r}")
     return tasks.get(name)
 
 

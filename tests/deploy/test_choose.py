@@ -30,7 +30,9 @@ def test_the_fastest_faithful_export_wins() -> None:
 
 def test_each_runtime_is_measured_on_its_own_outputs(tmp_path: Path) -> None:
     toy = ToyImageTask()
-    rows = measure_runtimes(toy.model(), toy.x[:2], toy.x[:16], tmp_path, ["onnxruntime"], runs=1)
+    rows = measure_runtimes(
+        toy.model(), toy.x[:2], toy.x[:16], tmp_path, slimkit.export, ["onnxruntime"], runs=1
+    )
     assert [r.runtime for r in rows] == ["torch", "onnxruntime"]
     assert rows[1].format == "onnx" and rows[1].cosine > 0.99999 and rows[1].median_ms > 0
 
@@ -62,5 +64,5 @@ def test_no_faithful_runtime_is_an_error_and_writes_nothing(
 def test_torch_itself_is_timed_alternately_with_the_exports(tmp_path: Path) -> None:
     toy = ToyImageTask()
     slow = torch.nn.Sequential(toy.model())
-    rows = measure_runtimes(slow, toy.x[:2], toy.x[:4], tmp_path, [], runs=1)
+    rows = measure_runtimes(slow, toy.x[:2], toy.x[:4], tmp_path, slimkit.export, [], runs=1)
     assert [r.runtime for r in rows] == ["torch"] and fastest(rows) is None

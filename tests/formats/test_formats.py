@@ -49,17 +49,14 @@ def weight_shapes(draw: st.DrawFn) -> tuple[int, ...]:
     return (rows, *inner)
 
 
-def _divisors(k: int) -> list[int]:
-    return [d for d in range(1, k + 1) if k % d == 0]
-
-
 @st.composite
 def groupings(draw: st.DrawFn, shape: tuple[int, ...]) -> tuple[Granularity, int | None]:
-    """A granularity and the group size that goes with it for ``shape``."""
+    """A granularity and the group size that goes with it for ``shape``: any size up to a
+    little past K, so that many do not divide K (the last group of a row is then shorter)."""
     granularity = draw(st.sampled_from(GRANULARITIES))
     if granularity is not Granularity.PER_GROUP:
         return granularity, None
-    return granularity, draw(st.sampled_from(_divisors(math.prod(shape[1:]))))
+    return granularity, draw(st.integers(1, math.prod(shape[1:]) + 2))
 
 
 @st.composite
@@ -118,10 +115,17 @@ def test_layout_matches_encode(kind: str, data: st.DataObject) -> None:
         assert torch.equal(empty, torch.full(slot.shape, slot.fill, dtype=slot.dtype))
 
 
-def _per_weight(p: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """A (R, G) parameter repeated for every weight of its group, shaped like the weight."""
-    n = math.prod(shape) // p.numel()
-    return p.reshape(p.shape[0], p.shape[1], 1).expand(-1, -1, n).reshape(shape)
+def _group_of(fmt: WeightFormat, p: torch.Tensor) -> torch.Tensor:
+    """The column of a (R, G) parameter each input of a row uses: (K,)."""
+    k = math.prod(fmt.shape) // p.shape[0]
+    size = getattr(fmt, "group_size", None) or k  # one group a row (or a tensor)
+    return torch.arange(k) // size
+
+
+def _per_weight(p: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
+    """A (R, G) parameter repeated for every weight of its group, shaped like the weight
+    (per group: input ``j`` of a row in group ``j // group_size``, the last one shorter)."""
+    return p[:, _group_of(fmt, p)].reshape(fmt.shape)
 
 
 @pytest.mark.parametrize("kind", ["affine", "affine-int8"])
@@ -133,7 +137,12 @@ def test_affine_error_is_at_most_half_a_step(kind: str, data: st.DataObject) -> 
     t = fmt.encode(w)
     w_hat = fmt.decode(t)
     assert w_hat.shape == w.shape and w_hat.dtype == torch.float32
-    scale = _per_weight(t["scale"], fmt.shape)  # (*shape)
+    scale = _per_weight(t["scale"], fmt)  # (*shape)
+    assert t["scale"].shape == (
+        (fmt.shape[0], -(-math.prod(fmt.shape[1:]) // fmt.group_size))
+        if fmt.group_size
+        else ((fmt.shape[0], 1) if fmt.per_channel else (1, 1))
+    )
     assert bool((t["scale"] > 0).all())
     tol = 1e-4 * scale + 1e-6 * w.abs()
     assert bool(((w - w_hat).abs() <= scale / 2 + tol).all())
@@ -143,7 +152,7 @@ def test_affine_error_is_at_most_half_a_step(kind: str, data: st.DataObject) -> 
     zero = t.get("zero_point")
     if zero is not None:  # an integer zero point within the codes' range
         assert torch.equal(zero, zero.round()) and bool(((zero >= qmin) & (zero <= qmax)).all())
-        codes = codes - _per_weight(zero, fmt.shape)
+        codes = codes - _per_weight(zero, fmt)
     assert torch.equal(w_hat, codes * scale)  # on the grid of its scale and zero point
     assert bool((w_hat[w == 0] == 0).all())  # exact zeros stay exact
 
@@ -156,14 +165,15 @@ def test_nf4_error_is_at_most_half_the_widest_level_gap(data: st.DataObject) -> 
     t = fmt.encode(w)
     w_hat = fmt.decode(t)
     assert w_hat.shape == w.shape
-    scale = _per_weight(t["scale"], fmt.shape)  # (*shape)
+    scale = _per_weight(t["scale"], fmt)  # (*shape)
     tol = 1e-6 * scale
     assert bool(((w - w_hat).abs() <= scale * NF4_GAP / 2 + tol).all())
     levels = (w_hat / scale).reshape(-1, 1)  # (n, 1) each a level
     assert bool(((levels - LEVELS).abs().amin(dim=1) <= 1e-6).all())
     assert bool((w_hat[w == 0] == 0).all())
-    absmax = w.reshape(*t["scale"].shape, -1).abs().amax(dim=2)  # (R, G)
-    assert torch.equal(t["scale"], torch.where(absmax > 0, absmax, 1.0))  # absmax, or 1
+    rows, of = w.reshape(t["scale"].shape[0], -1).abs(), _group_of(fmt, t["scale"])  # (R, K)
+    absmax = torch.stack([rows[:, of == j].amax(dim=1) for j in range(t["scale"].shape[1])], 1)
+    assert torch.equal(t["scale"], torch.where(absmax > 0, absmax, 1.0))  # own absmax, or 1
     extremes = w.abs() == scale
     assert torch.equal(w_hat[extremes], w[extremes])  # the levels reach +-1 exactly
 
@@ -258,12 +268,12 @@ BAD_SPECS = [
     ({"kind": "affine", "bits": 9}, "bits"),
     ({"kind": "affine", "bits": 1}, "bits"),
     ({"kind": "affine", "bits": "4"}, "bits"),
-    ({"kind": "affine", "granularity": "per_group", "group_size": 5}, "does not divide"),
+    ({"kind": "affine", "granularity": "per_group", "group_size": 0}, "group_size=0"),
     ({"kind": "affine", "granularity": "per_channel", "group_size": 4}, "group_size"),
     ({"kind": "affine", "granularity": "per_group"}, "group_size"),
     ({"kind": "affine", "granularity": "per_row"}, "granularity"),
     ({"kind": "affine", "zero": 0}, "unknown key 'zero'"),
-    ({"kind": "nf4", "group_size": 5}, "does not divide"),
+    ({"kind": "nf4", "group_size": 0}, "group_size=0"),
     ({"kind": "nf4", "granularity": "per_tensor"}, "group_size"),
     ({"kind": "nf4", "granularity": "per_channel", "group_size": 8}, "group_size"),
     ({"kind": "nf4", "bits": 4}, "unknown key 'bits'"),
@@ -284,11 +294,11 @@ def test_check_format_says_what_is_wrong(spec: Any, message: str) -> None:
 BAD_OPTIONS: list[tuple[Callable[[], WeightFormat], str]] = [
     (lambda: AffineFormat(SHAPE, bits=9), "bits"),
     (lambda: AffineFormat(SHAPE, bits=1), "bits"),
-    (lambda: AffineFormat(SHAPE, 4, True, Granularity.PER_GROUP, 5), "does not divide"),
-    (lambda: AffineFormat(SHAPE, 4, True, Granularity.PER_GROUP, 0), "does not divide"),
+    (lambda: AffineFormat(SHAPE, 4, True, Granularity.PER_GROUP, 0), "group_size: got 0"),
+    (lambda: AffineFormat(SHAPE, 4, True, Granularity.PER_GROUP, -3), "group_size: got -3"),
     (lambda: AffineFormat(SHAPE, 4, True, Granularity.PER_CHANNEL, 4), "group_size"),
     (lambda: AffineFormat(SHAPE, 4, True, Granularity.PER_GROUP, None), "group_size"),
-    (lambda: NF4Format(SHAPE, Granularity.PER_GROUP, 5), "does not divide"),
+    (lambda: NF4Format(SHAPE, Granularity.PER_GROUP, 0), "group_size: got 0"),
     (lambda: NF4Format(SHAPE, Granularity.PER_GROUP, None), "group_size"),
     (lambda: NF4Format(SHAPE, Granularity.PER_TENSOR, 64), "group_size"),
     (lambda: CodebookFormat(SHAPE, bits=0), "bits"),
@@ -458,8 +468,10 @@ def test_layer_describes_itself(layer: str, kind: str) -> None:
     spec = json.loads(json.dumps(q.spec()))
     assert spec["format"] == fmt.spec()
     assert type(q).check_spec(spec) is None
-    bad = {**spec, "format": {**spec["format"], "granularity": "per_group", "group_size": 5}}
-    assert "does not divide" in str(type(q).check_spec(bad))
+    ragged = {**spec, "format": {**spec["format"], "granularity": "per_group", "group_size": 5}}
+    assert type(q).check_spec(ragged) is None  # a short last group is fine
+    bad = {**spec, "format": {**spec["format"], "granularity": "per_group", "group_size": 0}}
+    assert "group_size=0" in str(type(q).check_spec(bad))
     assert q.n_params() == m.weight.numel()
     assert fmt.describe() in q.describe()
     assert (f"int{fmt.bits}" if isinstance(fmt, AffineFormat) else "nf4") in q.describe()

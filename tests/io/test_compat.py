@@ -64,11 +64,6 @@ def _manifest(kind: str) -> dict[str, Any]:
     return manifest
 
 
-def _auto_kernel(kind: str) -> bool:
-    """Whether a layer's kernel is chosen on the machine that runs it (``auto``)."""
-    return any(e.get("spec", {}).get("kernel") == "auto" for e in _manifest(kind)["modules"])
-
-
 def test_every_layer_kind_has_a_fixture() -> None:
     assert set(EXPECTED_TYPES) <= set(KINDS)
     assert {"fp32", "structured", "structured-resnet", "student", "nas"} <= set(KINDS)
@@ -90,10 +85,10 @@ def test_fixture_loads_and_reproduces_its_outputs(kind: str) -> None:
     with torch.inference_mode():
         out = model(expected["input"])
     assert out.dtype == expected["output"].dtype and out.shape == expected["output"].shape
-    if _auto_kernel(kind):  # another kernel may run here: float rounding only
-        torch.testing.assert_close(out, expected["output"], rtol=0, atol=1e-5)
-    else:
-        assert torch.equal(out, expected["output"]), (out - expected["output"]).abs().max()
+    # The tensors reload bit for bit (the next test). The outputs match within float
+    # rounding: the fixtures were written on an AVX-512 Xeon, and an AVX2-only CPU's float
+    # kernels sum in another order (measured: up to 6e-7 on an AMD EPYC, fp32 included).
+    torch.testing.assert_close(out, expected["output"], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)

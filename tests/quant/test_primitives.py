@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -277,21 +278,33 @@ def test_group_size_overrides_per_channel() -> None:
     assert a[0].shape == (2, 2) and torch.equal(a[0], b[0])
 
 
-@pytest.mark.parametrize(("k", "group_size"), [(10, 3), (10, 0), (10, -2), (4, 8)])
-def test_check_group_size_refuses(k: int, group_size: int) -> None:
-    msg = f"group_size {group_size} does not divide the input size {k}"
-    with pytest.raises(ValueError, match=msg):
-        P.check_group_size(k, group_size)
+@pytest.mark.parametrize("group_size", [0, -2, 2.5, True, "8"])
+def test_check_group_size_refuses(group_size: object) -> None:
+    msg = f"group_size: got {group_size!r}; allowed: a positive integer"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        P.check_group_size(group_size)  # type: ignore[arg-type]
 
 
-def test_check_group_size_accepts_divisors() -> None:
-    for g in (1, 2, 3, 4, 6, 12):
-        P.check_group_size(12, g)
+def test_check_group_size_accepts_any_positive_integer() -> None:
+    for g in (1, 2, 3, 5, 7, 12, 128):
+        P.check_group_size(g)
 
 
-def test_qparams_refuses_non_dividing_group() -> None:
-    with pytest.raises(ValueError, match="group_size 5 does not divide the input size 12"):
-        P.qparams(torch.ones(2, 3, 4), 4, True, group_size=5)
+@pytest.mark.parametrize(
+    ("k", "g", "n"), [(12, 4, 3), (12, 5, 3), (12, 12, 1), (12, 13, 1), (576, 128, 5)]
+)
+def test_n_groups_is_the_ceiling(k: int, g: int, n: int) -> None:
+    assert P.n_groups(k, g) == n
+
+
+def test_qparams_on_non_dividing_group_gives_a_short_last_group() -> None:
+    w = torch.arange(24.0).reshape(2, 3, 4)  # K = 12: groups of 5, 5 and 2
+    scale, zero = P.qparams(w, 8, False, group_size=5)
+    assert scale.shape == zero.shape == (2, 3)
+    last, _ = P.qparams(w.reshape(2, 12)[:, 10:], 8, False)  # the short group on its own
+    assert torch.equal(scale[:, 2:], last)
+    with pytest.raises(ValueError, match="group_size: got 0"):
+        P.qparams(w, 4, True, group_size=0)
 
 
 def test_out_of_range_values_clamp_to_end_codes() -> None:

@@ -9,7 +9,9 @@ from slimkit import tasks
 from slimkit.errors import SlimkitError, TaskError
 from slimkit.tasks.digits import DigitsLeNet, DigitsMLP
 
-BUILTIN = {"digits-lenet", "digits-mlp", "digits-resnet", "minilm-topics", "hf"}
+BUILTIN = {
+    "digits-lenet", "digits-mlp", "digits-resnet", "minilm-topics", "hf", "smollm2", "hf-causal"
+}  # fmt: skip
 
 
 def test_names_lists_the_builtin_tasks_sorted():

@@ -106,7 +106,7 @@ def _choose(
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.measure-", dir=target.parent))
     try:
-        rows = measure_runtimes(model, example, inputs, work, runs=runs)
+        rows = measure_runtimes(model, example, inputs, work, export, runs=runs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     best = fastest(rows)

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import importlib.util
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,18 +57,23 @@ def installed_runtimes() -> list[str]:
     return [r for r in RUNTIME_FORMAT if importlib.util.find_spec(r) is not None]
 
 
+#: ``export(model, path, format, example, overwrite=...)``: how the measured exports are written
+Exporter = Callable[..., Path]
+
+
 def measure_runtimes(
     model: nn.Module,
     example: Batch,
     inputs: Batch,
     workdir: Path,
+    export: Exporter,
     runtimes: list[str] | None = None,
     runs: int = 5,
     threads: int | None = None,
 ) -> list[Measured]:
     """torch and each runtime (every installed one by default) on ``inputs``: one row each,
-    timed alternately (see the module docstring). Exports go under ``workdir``."""
-    from slimkit.deploy import export
+    timed alternately (see the module docstring). ``export`` writes each runtime's model
+    under ``workdir``."""
     from slimkit.deploy.runtime import RuntimeModel
     from slimkit.evaluate.latency import time_alternating
 

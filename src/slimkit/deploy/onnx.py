@@ -66,8 +66,10 @@ class _Dequantize(torch.autograd.Function):
     ) -> torch.Tensor:  # fmt: skip
         s, z = scale, zero.float()
         if axis >= 0:
-            if block:
-                s, z = s.repeat_interleave(block, dim=axis), z.repeat_interleave(block, dim=axis)
+            if block:  # the last block along ``axis`` may be shorter
+                n = codes.shape[axis]
+                s = s.repeat_interleave(block, dim=axis).narrow(axis, 0, n)
+                z = z.repeat_interleave(block, dim=axis).narrow(axis, 0, n)
             else:
                 view = [1] * codes.dim()
                 view[axis] = -1
@@ -322,6 +324,13 @@ class _AffineDeployed(_Deployed):
             q, s, z, self.axis = codes, s.reshape(-1), z.reshape(-1), 0
         else:
             q, z, self.axis = rows, z.reshape(r, -1), 1
+        # a short last group: codes padded to whole blocks and the weight cut back after
+        # DequantizeLinear (OpenVINO takes only whole blocks; the padding never reaches x)
+        self.length = q.shape[self.axis] if self.axis >= 0 else 0
+        if self.block and self.length % self.block:
+            pad = [0, 0] * q.dim()
+            pad[2 * (q.dim() - 1 - self.axis) + 1] = -self.length % self.block
+            q = F.pad(q.to(torch.int8), pad)
         self.register_buffer("codes", q.to(torch.int8).contiguous())
         self.register_buffer("scale", s.float().contiguous())
         self.register_buffer("zero", z.round().to(torch.int8).contiguous())
@@ -348,7 +357,8 @@ class _AffineDeployed(_Deployed):
         found = None
         if self.kind == "linear" and self.block and self.axis == 0:
             # stored (K, N) / (G, N): MatMulNBits takes them per output row
-            found = nbits_tensors(self.codes.t(), self.zero.t(), self.scale.t(), self.block)
+            codes = self.codes[: self.length].t()  # (N, K), without the block padding
+            found = nbits_tensors(codes, self.zero.t(), self.scale.t(), self.block)
         if found is not None:
             packed, scales, zeros = found
             self.register_buffer("nbits_packed", packed)
@@ -361,7 +371,10 @@ class _AffineDeployed(_Deployed):
         return self.nbits
 
     def _dequantized(self) -> torch.Tensor:
-        return _Dequantize.apply(self.codes, self.scale, self.zero, self.axis, self.block)  # type: ignore[no-any-return]
+        w = _Dequantize.apply(self.codes, self.scale, self.zero, self.axis, self.block)
+        if self.block and w.shape[self.axis] != self.length:
+            w = w.narrow(self.axis, 0, self.length)
+        return w  # type: ignore[no-any-return]
 
     def _on_input(self) -> bool:
         """Whether ``in_scale`` can go on the input: one factor per input channel (a
@@ -412,9 +425,11 @@ class _CodebookDeployed(_Deployed):
         codebook: torch.Tensor,
         indices: torch.Tensor,
         scale: torch.Tensor | None = None,
+        block: int = 0,
     ) -> None:
         super().__init__(layer, kind)
         self.shape = shape
+        self.block = block  # the group size of ``scale`` (0: K / G)
         self.register_buffer("codebook", codebook.detach().float().clone())
         self.register_buffer("indices", indices.to(torch.uint8).reshape(shape[0], -1).clone())
         self.register_buffer("group_scale", None if scale is None else scale.float().clone())
@@ -428,7 +443,13 @@ class _CodebookDeployed(_Deployed):
         if self.group_scale is not None:
             r, k = w.shape
             g = self.group_scale.shape[1]
-            w = (w.reshape(r, g, k // g) * self.group_scale.unsqueeze(-1)).reshape(r, k)
+            block = self.block or k // g
+            pad = g * block - k  # a short last group: padded with zeros, then cut off
+            if pad:
+                w = F.pad(w, (0, pad))
+            w = (w.reshape(r, g, block) * self.group_scale.unsqueeze(-1)).reshape(r, g * block)
+            if pad:
+                w = w[:, :k]
         return w.reshape(self.shape)
 
 
@@ -497,7 +518,9 @@ def deploy_layer(name: str, layer: nn.Module, ort_kernels: bool = False) -> nn.M
     elif isinstance(fmt, NF4Format):
         rows = scale_shape(fmt.shape, fmt.granularity.value != "per_tensor", fmt.group_size)
         scale = held.stored()["scale"].reshape(rows)
-        out = _CodebookDeployed(layer, kind, fmt.shape, LEVELS, held.unpacked(), scale)
+        out = _CodebookDeployed(
+            layer, kind, fmt.shape, LEVELS, held.unpacked(), scale, fmt.group_size or 0
+        )
     elif type(fmt) is CodebookFormat:
         codebook = held.stored()["codebook"]
         out = _CodebookDeployed(layer, kind, fmt.shape, codebook, held.unpacked())

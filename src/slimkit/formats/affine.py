@@ -7,8 +7,9 @@ Stored tensors:
   are offset to unsigned and bit-packed into a flat uint8 tensor of ``ceil(n * bits / 8)``
   bytes (:mod:`slimkit.formats.packing`), so the artifact's size shows the bits.
 - ``scale`` (fp32, (R, G)): one per tensor (1, 1), output channel (C, 1) or group of
-  ``group_size`` consecutive inputs (C, K / group_size); ``zero_point`` (same shape, integers
-  held in fp32) when asymmetric.
+  ``group_size`` consecutive inputs (C, ceil(K / group_size)), the last group of a row
+  shorter when ``group_size`` does not divide K; ``zero_point`` (same shape, integers held
+  in fp32) when asymmetric.
 - ``in_scale`` (fp32, (K_in,)), only with ``input_scaling``: a per-input-channel factor
   folded back into the weight (activation-aware scaling quantizes ``W * s`` and stores
   ``1 / s`` here).
@@ -32,11 +33,11 @@ from slimkit.formats.base import Scheme, Slot, Stream, Tensors, WeightFormat
 
 
 def scale_shape(shape: tuple[int, ...], per_channel: bool, group_size: int | None) -> tuple:
-    """(R, G) of the scales of a weight of ``shape`` (first dim = output channels)."""
+    """(R, G) of the scales of a weight of ``shape`` (first dim = output channels); per
+    group ``G = ceil(K / group_size)``."""
     k = math.prod(shape[1:])
     if group_size is not None:
-        P.check_group_size(k, group_size)
-        return (shape[0], k // group_size)
+        return (shape[0], P.n_groups(k, group_size))
     return (shape[0], 1) if per_channel else (1, 1)
 
 
@@ -115,7 +116,7 @@ class AffineFormat(WeightFormat, kind="affine", packed=("qweight",), stream_coun
         """Round to nearest, with parameters from the min/max of each row or group."""
         w = w.detach().float()
         scale, zero = P.qparams(w, self.bits, self.symmetric, self.per_channel, self.group_size)
-        codes = P.quantize(w, scale, zero, self.bits, self.symmetric)
+        codes = P.quantize(w, scale, zero, self.bits, self.symmetric, self.group_size)
         return self.from_codes(codes, scale, zero)
 
     def _pack(self, codes: torch.Tensor) -> torch.Tensor:
@@ -131,7 +132,7 @@ class AffineFormat(WeightFormat, kind="affine", packed=("qweight",), stream_coun
 
     def decode(self, t: Tensors, unpacked: Any = None) -> torch.Tensor:
         codes = self.unpack(t) if unpacked is None else unpacked
-        w = P.dequantize(codes, t["scale"], t.get("zero_point"))
+        w = P.dequantize(codes, t["scale"], t.get("zero_point"), self.group_size)
         in_scale = t.get("in_scale")
         if in_scale is not None:
             view = [1] * w.dim()

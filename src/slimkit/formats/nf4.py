@@ -1,12 +1,14 @@
 """NF4: QLoRA's 4-bit NormalFloat weights (Dettmers et al., 2023).
 
-Each group of weights (a row, or ``group_size`` consecutive inputs of a row, or the whole
-tensor) is divided by its largest magnitude, then rounded to the nearest of 16 fixed levels
-in [-1, 1]: the quantiles of a standard normal distribution, so that normally distributed
-weights fill every level about equally, with an exact zero. Stored tensors:
+Each group of weights (a row, or ``group_size`` consecutive inputs of a row, the last group
+shorter when ``group_size`` does not divide the row, or the whole tensor) is divided by its
+largest magnitude, then rounded to the nearest of 16 fixed levels in [-1, 1]: the quantiles
+of a standard normal distribution, so that normally distributed weights fill every level
+about equally, with an exact zero. Stored tensors:
 
 - ``indices`` (uint8): one 4-bit level index per weight, packed two to a byte;
-- ``scale`` (fp32, (R, G)): each group's largest magnitude (1 for an all-zero group).
+- ``scale`` (fp32, (R, G), ``G = ceil(K / group_size)`` per group): each group's largest
+  magnitude (1 for an all-zero group), a short last group's from its own weights only.
 
 The levels are computed from their definition (``nf4_levels``), not stored.
 """
@@ -22,6 +24,7 @@ import torch
 from slimkit.compressed import StreamKind
 from slimkit.config import Granularity
 from slimkit.formats import packing
+from slimkit.formats import primitives as P
 from slimkit.formats.affine import scale_shape
 from slimkit.formats.base import Scheme, Slot, Stream, Tensors, WeightFormat
 
@@ -90,12 +93,22 @@ class NF4Format(WeightFormat, kind="nf4", packed=("indices",), stream_count=1):
             "scale": Slot(self._rows(), fill=1.0),
         }
 
+    def _per_weight(self, scale: torch.Tensor) -> torch.Tensor:
+        """The (R, G) ``scale`` repeated for each weight of its group: (R, numel / R)."""
+        r, k = scale.shape[0], self.numel // scale.shape[0]
+        if self.group_size is None:  # one scale per row (or for the tensor)
+            return scale.expand(r, k)
+        return P.per_column(scale, k, self.group_size)
+
     def encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         rows = self._rows()
-        groups = w.detach().float().reshape(rows[0], rows[1], -1)  # (R, G, g)
+        per_channel = self.granularity is not Granularity.PER_TENSOR
+        # a ragged last group is padded with its own last value: its absmax is its own
+        groups = P.group_view(w.detach().float(), per_channel, self.group_size)  # (R, G, g)
         absmax = groups.abs().amax(dim=2)  # (R, G)
         scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-        normalized = (groups / scale.unsqueeze(2)).clamp(-1.0, 1.0)  # (R, G, g)
+        values = w.detach().float().reshape(rows[0], -1)  # (R, K): the real weights only
+        normalized = (values / self._per_weight(scale)).clamp(-1.0, 1.0)  # (R, K)
         indices = torch.bucketize(normalized.reshape(-1), _CUTS)  # (n,) in 0..15
         return {"indices": packing.pack(indices.to(torch.uint8), BITS), "scale": scale}
 
@@ -106,8 +119,8 @@ class NF4Format(WeightFormat, kind="nf4", packed=("indices",), stream_count=1):
     def decode(self, t: Tensors, unpacked: Any = None) -> torch.Tensor:
         idx = self.unpack(t) if unpacked is None else unpacked
         scale = t["scale"]  # (R, G)
-        values = LEVELS.gather(0, idx).reshape(scale.shape[0], scale.shape[1], -1)
-        return (values * scale.unsqueeze(2)).reshape(self.shape)
+        values = LEVELS.gather(0, idx).reshape(scale.shape[0], -1)  # (R, K)
+        return (values * self._per_weight(scale)).reshape(self.shape)
 
     def stream_kinds(self) -> list[StreamKind]:
         return [StreamKind("indices", BITS)]

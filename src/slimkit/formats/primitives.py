@@ -11,7 +11,11 @@ points have shape ``(R, G)``:
 
 * per tensor: ``(1, 1)``;
 * per output channel: ``(C, 1)``;
-* per group: ``(C, K // group_size)``, each group a contiguous run of ``group_size`` along K.
+* per group: ``(C, ceil(K / group_size))``, each group a contiguous run of ``group_size``
+  along K; when ``group_size`` does not divide K the last group of each row is shorter
+  (``K - (ceil(K / group_size) - 1) * group_size`` inputs) and its parameters come from its
+  own values only. :func:`quantize` and :func:`dequantize` take ``group_size`` to tell such
+  ragged groups apart (without it, each group is ``numel / (R * G)`` consecutive values).
 
 Scales are always finite and positive (float32); a zero-width range gets scale 1, so all-zero
 data quantizes to the code of 0.0 and dequantizes to exact zeros.
@@ -35,22 +39,47 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     return (-(half - 1), half - 1) if symmetric else (-half, half - 1)
 
 
-def check_group_size(k: int, group_size: int) -> None:
-    """Raise ``ValueError`` unless ``group_size`` is positive and divides ``k``."""
-    if group_size < 1 or k % group_size != 0:
-        raise ValueError(f"group_size {group_size} does not divide the input size {k}")
+def check_group_size(group_size: int) -> None:
+    """Raise ``ValueError`` unless ``group_size`` is a positive integer."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size: got {group_size!r}; allowed: a positive integer")
 
 
-def _groups(w: torch.Tensor, per_channel: bool, group_size: int | None) -> torch.Tensor:
-    """View ``w`` as (R, G, g): rows of contiguous groups (see the module docstring)."""
+def n_groups(k: int, group_size: int) -> int:
+    """Groups in a row of ``k`` inputs: ``ceil(k / group_size)``, the last one shorter when
+    ``group_size`` does not divide ``k``."""
+    check_group_size(group_size)
+    return -(-k // group_size)
+
+
+def group_view(w: torch.Tensor, per_channel: bool, group_size: int | None) -> torch.Tensor:
+    """``w`` as (R, G, g): rows of contiguous groups (see the module docstring).
+
+    A ragged last group is padded by repeating its own last value, so every group's min,
+    max and largest magnitude are those of its real values.
+    """
     c = w.shape[0] if w.dim() > 0 else 1
     if group_size is not None:
         k = w.numel() // c if c else 0
-        check_group_size(k, group_size)
-        return w.reshape(c, k // group_size, group_size)  # (C, K // g, g)
+        n = n_groups(k, group_size)
+        rows = w.reshape(c, k)  # (C, K)
+        pad = n * group_size - k
+        if pad:
+            rows = torch.cat([rows, rows[:, -1:].expand(c, pad)], dim=1)  # (C, G * g)
+        return rows.reshape(c, n, group_size)  # (C, G, g)
     if per_channel:
         return w.reshape(c, 1, -1)  # (C, 1, K)
     return w.reshape(1, 1, -1)  # (1, 1, C * K)
+
+
+def per_column(p: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
+    """Group parameters ``p`` (R, G) repeated for each of the ``k`` inputs of a row: (R, k)."""
+    if p.shape[1] != n_groups(k, group_size):
+        raise ValueError(
+            f"parameters of shape {tuple(p.shape)} do not fit rows of {k} inputs in groups "
+            f"of {group_size}"
+        )
+    return p.repeat_interleave(group_size, dim=1)[:, :k]  # (R, K)
 
 
 def _as_2d(p: torch.Tensor) -> torch.Tensor:
@@ -114,31 +143,66 @@ def qparams(
     """
     if w.numel() == 0:
         raise ValueError("cannot compute quantization parameters of an empty tensor")
-    groups = _groups(w.detach().float(), per_channel, group_size)  # (R, G, g)
+    groups = group_view(w.detach().float(), per_channel, group_size)  # (R, G, g)
     lo = groups.amin(dim=2)  # (R, G)
     hi = groups.amax(dim=2)  # (R, G)
     return params_from_range(lo, hi, bits, symmetric)
 
 
+def _rows_of(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """View ``t`` as (R, K) to match the rows of a (R, G) scale."""
+    r = scale.shape[0]
+    if r == 0 or t.numel() % r != 0:
+        raise ValueError(
+            f"a scale of shape {tuple(scale.shape)} does not fit a tensor of {t.numel()} values"
+        )
+    return t.reshape(r, -1)  # (R, K)
+
+
 def quantize(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    group_size: int | None = None,
 ) -> torch.Tensor:
     """Integer codes (int8 tensor of ``w``'s shape): ``clamp(round(w / scale) + zero)``.
 
-    ``scale`` and ``zero`` are (R, G) (or 0-d / (R,), read as (1, 1) / (R, 1)); ``w`` is viewed
-    as (R, G, n) so each group of ``n`` consecutive values shares one parameter pair.
+    ``scale`` and ``zero`` are (R, G) (or 0-d / (R,), read as (1, 1) / (R, 1)). Without
+    ``group_size``, ``w`` is viewed as (R, G, n) so each group of ``n`` consecutive values
+    shares one parameter pair; with it, ``w`` is viewed as (R, K) in groups of
+    ``group_size`` inputs, the last one of a row shorter when it does not divide K.
     """
     qmin, qmax = qrange(bits, symmetric)
     scale = _as_2d(scale)
     zero = _as_2d(zero)
-    parts = _split(w.detach().float(), scale)  # (R, G, n)
-    q = torch.round(parts / scale[..., None]) + zero[..., None]  # (R, G, n)
+    if group_size is not None:
+        rows = _rows_of(w.detach().float(), scale)  # (R, K)
+        k = rows.shape[1]
+        s, z = per_column(scale, k, group_size), per_column(zero, k, group_size)  # (R, K)
+        q = torch.round(rows / s) + z  # (R, K)
+    else:
+        parts = _split(w.detach().float(), scale)  # (R, G, n)
+        q = torch.round(parts / scale[..., None]) + zero[..., None]  # (R, G, n)
     return torch.clamp(q, qmin, qmax).to(torch.int8).reshape(w.shape)
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
-    """Float32 tensor of ``codes``' shape: ``(codes - zero) * scale`` broadcast per group."""
+def dequantize(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    group_size: int | None = None,
+) -> torch.Tensor:
+    """Float32 tensor of ``codes``' shape: ``(codes - zero) * scale`` broadcast per group
+    (``group_size`` as in :func:`quantize`)."""
     scale = _as_2d(scale)
+    if group_size is not None:
+        rows = _rows_of(codes, scale).float()  # (R, K)
+        k = rows.shape[1]
+        if zero is not None:
+            rows = rows - per_column(_as_2d(zero), k, group_size)
+        return (rows * per_column(scale, k, group_size)).reshape(codes.shape)
     parts = _split(codes, scale).float()  # (R, G, n)
     if zero is not None:
         parts = parts - _as_2d(zero)[..., None]
@@ -154,15 +218,15 @@ def fake_quantize(
 ) -> torch.Tensor:
     """Quantize then dequantize ``w`` (for error measurements); keeps ``w``'s dtype."""
     scale, zero = qparams(w, bits, symmetric, per_channel, group_size)
-    codes = quantize(w, scale, zero, bits, symmetric)
-    return dequantize(codes, scale, zero).to(w.dtype)
+    codes = quantize(w, scale, zero, bits, symmetric, group_size)
+    return dequantize(codes, scale, zero, group_size).to(w.dtype)
 
 
 def _rows(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
     """View ``w`` as (R, K): one row per output channel, or a single row."""
     if w.numel() == 0:
         raise ValueError("cannot quantize an empty tensor")
-    return _groups(w.detach().float(), per_channel, None)[:, 0, :]  # (R, K)
+    return group_view(w.detach().float(), per_channel, None)[:, 0, :]  # (R, K)
 
 
 def binarize(w: torch.Tensor, per_channel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

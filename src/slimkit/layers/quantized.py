@@ -110,8 +110,14 @@ class QuantEmbedding(EmbeddingOp, QuantWeight):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Dequantize only the looked-up rows."""
         rows = F.embedding(idx, self.codes).float()  # (..., D)
-        groups = self.scale.shape[1]
-        rows = rows.reshape(*rows.shape[:-1], groups, -1)  # (..., G, D / G)
+        if self.group_size is not None:  # groups of D, the last one shorter when ragged
+            d, size = rows.shape[-1], self.group_size
+            if self.zero_point is not None:
+                zero = F.embedding(idx, self.zero_point)  # (..., G)
+                rows = rows - zero.repeat_interleave(size, dim=-1)[..., :d]
+            scale = F.embedding(idx, self.scale)  # (..., G)
+            return rows * scale.repeat_interleave(size, dim=-1)[..., :d]
+        rows = rows.reshape(*rows.shape[:-1], 1, -1)  # (..., 1, D): one pair per row / tensor
         if self.zero_point is not None:
             rows = rows - self._row_params(self.zero_point, idx).unsqueeze(-1)
         out = rows * self._row_params(self.scale, idx).unsqueeze(-1)

@@ -60,11 +60,9 @@ def awq_scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def _cells(w: torch.Tensor, scheme: Scheme) -> torch.Tensor:
-    """``w`` (O, K) viewed as (R, G, n): the cells that share one scale."""
-    o, k = w.shape
-    if scheme.group_size is not None:
-        return w.reshape(o, k // scheme.group_size, scheme.group_size)  # (O, K / g, g)
-    return w.reshape(o, 1, k) if scheme.per_channel else w.reshape(1, 1, o * k)
+    """``w`` (O, K) viewed as (R, G, n): the cells that share one scale (a short last group
+    padded with its own last value, which leaves its min and max unchanged)."""
+    return P.group_view(w, scheme.per_channel, scheme.group_size)  # (R, G, n)
 
 
 def quantize_clipped(
@@ -75,7 +73,8 @@ def quantize_clipped(
     cells = _cells(w.float(), scheme)  # (R, G, n)
     lo, hi = cells.amin(dim=2) * ratio, cells.amax(dim=2) * ratio  # (R, G) each
     scale, zero = P.params_from_range(lo, hi, scheme.bits, scheme.symmetric)  # (R, G) each
-    return P.quantize(w, scale, zero, scheme.bits, scheme.symmetric), scale, zero
+    codes = P.quantize(w, scale, zero, scheme.bits, scheme.symmetric, scheme.group_size)
+    return codes, scale, zero
 
 
 def output_error(d: torch.Tensor, gram: torch.Tensor) -> float:
@@ -87,7 +86,11 @@ def cell_errors(d: torch.Tensor, gram: torch.Tensor, scheme: Scheme) -> torch.Te
     """Each cell's own share of the output error, cross-cell terms left out: (R, G)."""
     o, k = d.shape
     size = scheme.group_size if scheme.group_size is not None else k
-    n = k // size
+    n = P.n_groups(k, size) if k else 0
+    pad = n * size - k  # a short last group: zero columns of d and G add nothing
+    if pad:
+        d = torch.nn.functional.pad(d, (0, pad))  # (O, G * g)
+        gram = torch.nn.functional.pad(gram, (0, pad, 0, pad))  # (G * g, G * g)
     parts = d.reshape(o, n, size)  # (O, G, g)
     blocks = gram.reshape(n, size, n, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (G, g, g)
     err = torch.einsum("ogi,gij,ogj->og", parts, blocks, parts)  # (O, G)
@@ -104,7 +107,7 @@ def search_alpha(
     for i in range(n_grid + 1):
         s = awq_scales(x_mean, i / n_grid)  # (K,)
         codes, scale, zero = quantize_clipped(w * s, scheme)
-        w_hat = P.dequantize(codes, scale, zero) / s  # (O, K)
+        w_hat = P.dequantize(codes, scale, zero, scheme.group_size) / s  # (O, K)
         err = output_error(w - w_hat, gram)
         if err < best_err:
             best_err, best_s = err, s
@@ -118,7 +121,7 @@ def search_clip(w: torch.Tensor, gram: torch.Tensor, scheme: Scheme, n_grid: int
     for i in range(n_grid + 1):
         r = 1.0 - MAX_SHRINK * i / n_grid
         codes, scale, zero = quantize_clipped(w, scheme, r)
-        err = cell_errors(w - P.dequantize(codes, scale, zero), gram, scheme)
+        err = cell_errors(w - P.dequantize(codes, scale, zero, scheme.group_size), gram, scheme)
         if best_err is None:
             best_err, best_ratio = err, torch.ones_like(err)
             continue
@@ -146,7 +149,7 @@ def awq_quantize(
     if gram.shape != (k, k) or x_mean.shape != (k,):
         raise ValueError(f"a weight of shape {(o, k)} needs a ({k}, {k}) Gram matrix and ({k},)")
     if scheme.group_size is not None:
-        P.check_group_size(k, scheme.group_size)
+        P.check_group_size(scheme.group_size)
     w = w.detach().float()  # (O, K)
     gram = gram.float()
     s = search_alpha(w, gram, x_mean, scheme, n_grid)  # (K,)
@@ -157,8 +160,9 @@ def awq_quantize(
         ratio = search_clip(ws, scaled_gram, scheme, n_grid)
         clipped = quantize_clipped(ws, scheme, ratio)
         # the per-cell choice ignores cross-cell terms: keep it only if the whole improves
-        if output_error(ws - P.dequantize(*clipped), scaled_gram) < output_error(
-            ws - P.dequantize(codes, scale, zero), scaled_gram
+        gs = scheme.group_size
+        if output_error(ws - P.dequantize(*clipped, gs), scaled_gram) < output_error(
+            ws - P.dequantize(codes, scale, zero, gs), scaled_gram
         ):
             codes, scale, zero = clipped
     return codes, scale, None if scheme.symmetric else zero, s

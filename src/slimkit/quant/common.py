@@ -8,10 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from slimkit.calib.hessian import input_size
 from slimkit.config import Granularity, StageConfig
-from slimkit.errors import ConfigError
-from slimkit.formats import primitives as P
 from slimkit.formats.base import Scheme
 from slimkit.layers.quantized import QuantConv2d, QuantEmbedding, QuantLinear, QuantWeight
 from slimkit.layers.shapes import check_twins
@@ -48,10 +45,10 @@ class WeightQuantConfig(StageConfig):
             self.fail("group_size", "null unless granularity is per_group")
 
     def check(self, model: nn.Module, names: Sequence[str]) -> None:
-        """ConfigError before any work: a selected layer with no quantized twin of its form,
-        or layers whose input size ``group_size`` does not divide (all of them listed)."""
+        """ConfigError before any work: a selected layer with no quantized twin of its form.
+        A ``group_size`` that does not divide a layer's input size is fine: the last group
+        of each row is shorter (``primitives.n_groups``)."""
         check_convertible(model, names, self.method)
-        check_group_sizes(model, names, self.group_size, self._where("group_size"))
 
     def scheme(self) -> Scheme:
         """The options as the one value formats take."""
@@ -65,27 +62,6 @@ class WeightQuantConfig(StageConfig):
             "per_channel": self.granularity is not Granularity.PER_TENSOR,
             "group_size": self.group_size,
         }
-
-
-def check_group_sizes(
-    model: nn.Module, names: Iterable[str], group_size: int | None, key: str = "group_size"
-) -> None:
-    """ConfigError listing every selected layer whose input size ``group_size`` does not
-    divide (``primitives.check_group_size`` of each), ``key`` naming the option."""
-    if group_size is None:
-        return
-    bad = []
-    for name in dict.fromkeys(names):
-        k = input_size(model.get_submodule(name))
-        try:
-            P.check_group_size(k, group_size)
-        except ValueError:
-            bad.append(f"{name} ({k})")
-    if bad:
-        raise ConfigError(
-            f"{key} {group_size} does not divide the input size of {len(bad)} layer(s): "
-            f"{', '.join(bad)}; add them to ignore or choose a group_size that divides them"
-        )
 
 
 def check_convertible(model: nn.Module, names: Iterable[str], method: str) -> None:

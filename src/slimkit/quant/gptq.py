@@ -16,6 +16,8 @@ lazily: inside a block of ``block_size`` columns at once, beyond it after the bl
 - ``act_order`` visits columns by decreasing ``H_jj``; groups stay the contiguous runs of
   the original column order (so the stored (R, G) scales keep their meaning), and the codes
   are returned in the original order.
+- When ``group_size`` does not divide K the last group of each row is shorter
+  (``ceil(K / group_size)`` groups), its parameters from its own columns only.
 
 Linear and Conv2d layers (groups=1; a Conv2d's inputs are unfolded so ``H`` is over
 ``C_in * kh * kw``) get GPTQ; Embedding layers and grouped convolutions have no such
@@ -65,11 +67,12 @@ def gptq_quantize(
 
     Returns int8 codes (O, K) in the original column order, the scale (R, G) and the zero
     point (R, G), or None when ``symmetric``. Raises ``HessianError`` when ``h`` cannot be
-    factorized, ``ValueError`` for mismatched shapes or a group size not dividing K.
+    factorized, ``ValueError`` for mismatched shapes or a group size that is not a positive
+    integer.
     """
     w, h = drop_dead_inputs(w, h)  # (O, K), (K, K)
     if group_size is not None:
-        P.check_group_size(w.shape[1], group_size)
+        P.check_group_size(group_size)
     perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
@@ -103,7 +106,7 @@ class _Columns:
             self.scale, self.zero = P.qparams(w, bits, symmetric, per_channel)  # (R, 1)
             self.group_of = torch.zeros(k, dtype=torch.long)  # (K,)
         else:
-            n_groups = k // group_size
+            n_groups = P.n_groups(k, group_size)  # the last one shorter when ragged
             self.scale = torch.ones(o, n_groups)  # (O, G)
             self.zero = torch.zeros(o, n_groups)  # (O, G)
             original = perm if perm is not None else torch.arange(k)  # column j is original[j]
@@ -149,7 +152,8 @@ class _Columns:
         of the block's first ``i`` columns applied."""
         assert self.group_size is not None
         start = g * self.group_size
-        pos = self.position[start : start + self.group_size]  # (g,) visit positions
+        # (g,) visit positions; fewer for a short last group (the slice stops at K)
+        pos = self.position[start : start + self.group_size]
         inside = pos < i2
         current = torch.empty(self.w.shape[0], pos.numel())  # (O, g)
         current[:, inside] = w1[:, pos[inside] - i1]

@@ -12,16 +12,20 @@ from torch import nn
 
 from slimkit.errors import TaskError, did_you_mean
 from slimkit.tasks.base import Task
+from slimkit.tasks.causal import CausalLMTask, HFCausalTask, SmolLM2Topics
 from slimkit.tasks.digits import DigitsLeNet, DigitsMLP
 from slimkit.tasks.resnet import DigitsResNet
 from slimkit.tasks.text import HFTask, MiniLMTopics, TextEncoderTask
 
 __all__ = [
+    "CausalLMTask",
     "DigitsLeNet",
     "DigitsMLP",
     "DigitsResNet",
+    "HFCausalTask",
     "HFTask",
     "MiniLMTopics",
+    "SmolLM2Topics",
     "Task",
     "TextEncoderTask",
     "describe",
@@ -35,7 +39,16 @@ __all__ = [
 STUDENT = "student"
 
 _TASKS: dict[str, type[Task]] = {
-    cls.name: cls for cls in (DigitsLeNet, DigitsMLP, DigitsResNet, MiniLMTopics, HFTask)
+    cls.name: cls
+    for cls in (
+        DigitsLeNet,
+        DigitsMLP,
+        DigitsResNet,
+        MiniLMTopics,
+        HFTask,
+        SmolLM2Topics,
+        HFCausalTask,
+    )
 }
 
 
