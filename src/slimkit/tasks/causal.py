@@ -32,8 +32,16 @@ from torch import nn
 from slimkit.data import Batch, call, first_tensor
 from slimkit.errors import ConfigError, DataError, ModelError, TaskError
 from slimkit.model_info import set_info
-from slimkit.tasks.base import Task, check_student
-from slimkit.tasks.text import INSTALL_HINT, _one_line, _quiet_loading, even_layers
+from slimkit.tasks.base import Task
+from slimkit.tasks.text import (
+    INSTALL_HINT,
+    _one_line,
+    _parse_line,
+    _quiet_loading,
+    check_whole_blocks,
+    even_layers,
+    kept_blocks,
+)
 
 WINDOW = 512
 EVAL_WINDOWS = 8
@@ -79,7 +87,7 @@ def read_text(path: Path) -> str:
         raise DataError(f"{path}: is not UTF-8 text") from None
     if suffix == ".jsonl":
         texts = [
-            _jsonl_text(line, f"{path} line {number}")
+            _parse_line(line, f"{path} line {number}")[0]
             for number, line in enumerate(content.splitlines(), start=1)
             if line.strip()
         ]
@@ -87,21 +95,6 @@ def read_text(path: Path) -> str:
     if not content.strip():
         raise DataError(f"{path}: is empty")
     return content
-
-
-def _jsonl_text(line: str, where: str) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if "text" not in record:
-        raise DataError(f"{where}: missing 'text'")
-    text = record["text"]
-    if not isinstance(text, str):
-        raise DataError(f"{where}: 'text' must be a string, got {type(text).__name__}")
-    return text
 
 
 def window_starts(first: int, stop: int, window: int, count: int) -> list[int]:
@@ -432,22 +425,12 @@ class CausalLMTask(Task):
         model's weights (embeddings, the kept blocks, final norm, head); ``random``
         initialises the same architecture from its config, seeded by ``seed``. Only
         ``width`` 1. The student records this task and its options as its source."""
-        check_student(self.name, width, depth, init)
-        if width != 1.0:
-            raise ConfigError(
-                f"task {self.name!r}: student width {width!r} is not supported; only whole "
-                "decoder blocks are dropped (allowed: 1.0)"
-            )
+        check_whole_blocks(self.name, width, depth, init, "decoder blocks")
         if init == "teacher":
             model = self.model()
             owner, attribute, blocks = _decoder_layers(model, self.checkpoint.where)
-            keep = even_layers(len(blocks), depth)
-            kept = [blocks[i] for i in keep]
-            for j, block in enumerate(kept):  # renumber the blocks' cache indices
-                for m in block.modules():
-                    if isinstance(getattr(m, "layer_idx", None), int):
-                        setattr(m, "layer_idx", j)  # noqa: B010  (a plain attribute)
-            setattr(owner, attribute, nn.ModuleList(kept))
+            keep, kept = kept_blocks(blocks, depth)
+            setattr(owner, attribute, kept)
             _fewer_layers(model.config, keep)
         else:
             from transformers import AutoModelForCausalLM

@@ -184,6 +184,29 @@ def even_layers(n: int, depth: float) -> list[int]:
     return [i * n // k for i in range(k)]
 
 
+def check_whole_blocks(task: str, width: float, depth: float, init: str, blocks: str) -> None:
+    """ConfigError unless the student options are valid and ``width`` is 1 (a student of
+    whole ``blocks`` of the model)."""
+    check_student(task, width, depth, init)
+    if width != 1.0:
+        raise ConfigError(
+            f"task {task!r}: student width {width!r} is not supported; only whole {blocks} "
+            "are dropped (allowed: 1.0)"
+        )
+
+
+def kept_blocks(blocks: nn.ModuleList, depth: float) -> tuple[list[int], nn.ModuleList]:
+    """The indices of the blocks a student of ``depth`` keeps (:func:`even_layers`) and those
+    blocks, their cache indices renumbered 0, 1, ..."""
+    keep = even_layers(len(blocks), depth)
+    kept = [blocks[i] for i in keep]
+    for j, block in enumerate(kept):
+        for m in block.modules():
+            if isinstance(getattr(m, "layer_idx", None), int):
+                setattr(m, "layer_idx", j)  # noqa: B010  (a plain attribute)
+    return keep, nn.ModuleList(kept)
+
+
 def _encoder_layers(model: nn.Module, where: Path) -> nn.ModuleList:
     """The BERT-like ``encoder.layer`` blocks; ConfigError when the model has none."""
     layers = getattr(getattr(model, "encoder", None), "layer", None)
@@ -247,22 +270,11 @@ class TextEncoderTask(Task):
         ``config.num_hidden_layers`` set to match. ``init``: ``teacher`` keeps the task
         model's weights (embeddings, the kept blocks, pooler); ``random`` initialises the
         same architecture from its config, seeded by ``seed``. Only ``width`` 1."""
-        check_student(self.name, width, depth, init)
-        if width != 1.0:
-            raise ConfigError(
-                f"task {self.name!r}: student width {width!r} is not supported; only whole "
-                "encoder layers are dropped (allowed: 1.0)"
-            )
+        check_whole_blocks(self.name, width, depth, init, "encoder layers")
         if init == "teacher":
             model = self.model()
-            blocks = _encoder_layers(model, self.model_dir)
-            keep = even_layers(len(blocks), depth)
-            kept = [blocks[i] for i in keep]
-            for j, block in enumerate(kept):  # renumber the blocks' cache indices
-                for m in block.modules():
-                    if isinstance(getattr(m, "layer_idx", None), int):
-                        setattr(m, "layer_idx", j)  # noqa: B010  (a plain attribute)
-            model.get_submodule("encoder").layer = nn.ModuleList(kept)
+            keep, kept = kept_blocks(_encoder_layers(model, self.model_dir), depth)
+            model.get_submodule("encoder").layer = kept
             config: Any = model.config
             config.num_hidden_layers = len(keep)
             return model.eval()
