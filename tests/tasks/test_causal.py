@@ -387,12 +387,18 @@ def test_a_narrower_student_is_refused(task: HFCausalTask):
 
 # -- GGUF ----------------------------------------------------------------------------------
 def test_a_gguf_file_gives_the_same_tokens_and_model(
-    task: HFCausalTask, tiny: tuple[Path, Path], tiny_gguf: Path, tmp_path: Path
+    task: HFCausalTask,
+    tiny: tuple[Path, Path],
+    tiny_gguf: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
 ):
     from_gguf = HFCausalTask(gguf=tiny_gguf, data=tiny[1], **OPTIONS)
     assert from_gguf.checkpoint.context == 256
     assert torch.equal(from_gguf.tokens, task.tokens)
     model = from_gguf.model()
+    # regression: transformers' plain tqdm bar of the GGUF conversion stays quiet
+    assert "de-quantizing" not in capfd.readouterr().err
     assert getattr(model, "hf_quantizer", None) is None  # a plain fp32 model
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     inputs = task.latency_inputs()

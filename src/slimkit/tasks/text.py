@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -123,8 +124,9 @@ def _quiet_loading() -> Iterator[None]:
     bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    try:
-        yield
+    try:  # plain tqdm bars too (a GGUF file's conversion): they write to sys.stderr
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
     finally:
         hf_logging.set_verbosity(level)
         if bars:
