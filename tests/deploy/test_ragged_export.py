@@ -11,28 +11,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from torch import nn
 
 import slimkit
+from tests.ragged_toys import RaggedToy, ragged_toy
 
 
-class Toy(nn.Module):
-    """A Linear(72, 16) and a Conv2d of 5 * 3 * 3 = 45 inputs: neither a multiple of the
-    group sizes below."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(5, 8, 3, padding=1)
-        self.fc = nn.Linear(72, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.conv(x)).mean((2, 3))  # (B, 8)
-        return self.fc(torch.cat([h] * 9, dim=1))  # (B, 16)
-
-
-def toy() -> Toy:
-    torch.manual_seed(0)
-    return Toy().eval()
+def toy() -> RaggedToy:
+    return ragged_toy()
 
 
 X = torch.randn(80, 5, 6, 6, generator=torch.Generator().manual_seed(1))

@@ -11,32 +11,17 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load, save
-from torch import nn
 
 import slimkit
 from slimkit.errors import ArtifactError
 from slimkit.formats import primitives as P
+from tests.ragged_toys import RaggedToy, ragged_toy
 
 GROUPED = {"bits": 4, "granularity": "per_group", "group_size": 32, "symmetric": False}
 
 
-class Toy(nn.Module):
-    """A Linear(72, 16) (groups of 32, 32 and 8) and a Conv2d of 5 * 3 * 3 = 45 inputs
-    (groups of 32 and 13)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(5, 8, 3, padding=1)
-        self.fc = nn.Linear(72, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.conv(x)).mean((2, 3))  # (B, 8)
-        return self.fc(torch.cat([h] * 9, dim=1))  # (B, 16)
-
-
-def toy() -> Toy:
-    torch.manual_seed(0)
-    return Toy().eval()
+def toy() -> RaggedToy:
+    return ragged_toy()
 
 
 def recipe(**options: Any) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from slimkit.layers.weight import FormatConv2d, FormatLinear
 from slimkit.quant.awq import awq_quantize, cell_errors
 from slimkit.quant.gptq import gptq_quantize
 from slimkit.quant.mixed import proxy_error
+from tests.ragged_toys import RaggedToy, ragged_toy
 
 SETTINGS = settings(
     max_examples=40,
@@ -311,24 +312,16 @@ def test_mixed_proxy_error_takes_ragged_groups() -> None:
 
 
 # -- layers and handlers -------------------------------------------------------------------
-class Toy(nn.Module):
-    """A Linear of 72 inputs and a Conv2d of 5 * 3 * 3 = 45 inputs (neither a multiple of 32)
-    and an Embedding of dimension 40."""
+class Toy(RaggedToy):
+    """The ragged toy and an Embedding of dimension 40 (groups of 32 and 8)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.emb = nn.Embedding(10, 40)
-        self.conv = nn.Conv2d(5, 8, 3, padding=1)
-        self.fc = nn.Linear(72, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.conv(x)).mean((2, 3))  # (B, 8)
-        return self.fc(torch.cat([h] * 9, dim=1))  # (B, 16)
 
 
 def toy() -> Toy:
-    torch.manual_seed(0)
-    return Toy().eval()
+    return ragged_toy(Toy)  # type: ignore[return-value]
 
 
 def calibration() -> list[torch.Tensor]:

@@ -70,10 +70,8 @@ def export(
     except ValueError as e:
         raise ConfigError(f"export to {format}: {e}") from None
     target = _check_target(Path(path), overwrite)
-    chosen: dict[str, Any] = {}
     if format == "auto":
-        measure_on = example if inputs is None else inputs
-        format, chosen = _choose(model, example, measure_on, target, runs)
+        return _export_fastest(model, example, example if inputs is None else inputs, target, runs)
     # MatMulNBits and MatMulInteger for onnxruntime; OpenVINO gets DequantizeLinear weights
     data = to_onnx.onnx_bytes(model, example, ort_kernels=format == "onnx")
     meta: dict[str, Any] = {
@@ -81,7 +79,6 @@ def export(
         "opset": to_onnx.OPSET,
         "inputs": to_onnx.input_names(example),
         "layers": layer_forms(model),
-        **chosen,
     }
     with _staged(target) as stage:
         (stage / "model.onnx").write_bytes(data)
@@ -92,10 +89,11 @@ def export(
     return target
 
 
-def _choose(
+def _export_fastest(
     model: nn.Module, example: Batch, inputs: Batch, target: Path, runs: int
-) -> tuple[str, dict[str, Any]]:
-    """The fastest faithful format, measured here, and its record for ``export.json``."""
+) -> Path:
+    """Every installed runtime's export timed here; the fastest faithful one moved into
+    ``target`` (not exported again), what was measured recorded in its ``export.json``."""
     from slimkit.cpu import device
     from slimkit.deploy.choose import FAITHFUL_COSINE, fastest, installed_runtimes, measure_runtimes
 
@@ -107,22 +105,29 @@ def _choose(
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.measure-", dir=target.parent))
     try:
         rows = measure_runtimes(model, example, inputs, work, export, runs=runs)
+        best = fastest(rows)
+        if best is None or best.format is None:
+            found = ", ".join(f"{r.runtime} {r.cosine:.5f}" for r in rows if r.format)
+            raise ConfigError(
+                f"export format 'auto': no runtime keeps the outputs' cosine >= "
+                f"{FAITHFUL_COSINE} ({found})"
+            )
+        made = work / best.runtime
+        meta = json.loads((made / META).read_text())
+        meta["chosen"] = {
+            "runtime": best.runtime,
+            "device": device(),
+            "rule": f"the fastest export whose outputs keep cosine >= {FAITHFUL_COSINE} to torch's",
+            "measured": [r.as_dict() for r in rows],
+        }
+        with _staged(target) as stage:
+            for f in made.iterdir():
+                if f.name != META:
+                    os.replace(f, stage / f.name)
+            (stage / META).write_text(json.dumps(meta, indent=2) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    best = fastest(rows)
-    if best is None or best.format is None:
-        found = ", ".join(f"{r.runtime} {r.cosine:.5f}" for r in rows if r.format)
-        raise ConfigError(
-            f"export format 'auto': no runtime keeps the outputs' cosine >= {FAITHFUL_COSINE} "
-            f"({found})"
-        )
-    record = {
-        "runtime": best.runtime,
-        "device": device(),
-        "rule": f"the fastest export whose outputs keep cosine >= {FAITHFUL_COSINE} to torch's",
-        "measured": [r.as_dict() for r in rows],
-    }
-    return best.format, {"chosen": record}
+    return target
 
 
 def layer_forms(model: nn.Module) -> dict[str, str]:
