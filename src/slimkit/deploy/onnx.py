@@ -264,6 +264,10 @@ class _Deployed(nn.Module):
         """A Linear's weight transposed, (in, out): a MatMul's right operand."""
         return self.weight().t()
 
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """A Linear's product of its (quantized, scaled) input with the weight."""
+        return torch.matmul(x, self.weight_t())
+
     def input_scale(self) -> torch.Tensor | None:
         """A factor per input channel applied to the (quantized) input rather than folded
         into the weight: the weight's constant then feeds its MatMul or Conv directly, the
@@ -277,7 +281,7 @@ class _Deployed(nn.Module):
         if scale is not None:
             x = x * (scale if self.kind == "linear" else scale.reshape(-1, 1, 1))
         if self.kind == "linear":
-            y = torch.matmul(x, self.weight_t())
+            y = self.matmul(x)
             return y if self.bias is None else y + self.bias
         w = self.weight()
         if self.kind == "conv":
@@ -387,23 +391,15 @@ class _AffineDeployed(_Deployed):
     def weight_t(self) -> torch.Tensor:
         return self._dequantized()  # (K, N); in_scale goes on the input
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic:
-            if self.in_scale is not None:
-                x = x * self.in_scale
-            y = _DynamicInt8.apply(x, self.codes, self.scale, self.offset)
-            return y if self.bias is None else y + self.bias
-        if not self.nbits:
-            return super().forward(x)
-        if self.act is not None:
-            x = _FakeQuant.apply(x, self.act_scale, self.act_zero, *self.act)
-        if self.in_scale is not None:
-            x = x * self.in_scale
-        k = self.shape[1]
-        y = _MatMulNBits.apply(
-            x, self.nbits_packed, self.nbits_scales, self.nbits_zeros, k, self.block
-        )
-        return y if self.bias is None else y + self.bias
+            return _DynamicInt8.apply(x, self.codes, self.scale, self.offset)  # type: ignore[no-any-return]
+        if self.nbits:
+            k = self.shape[1]
+            return _MatMulNBits.apply(  # type: ignore[no-any-return]
+                x, self.nbits_packed, self.nbits_scales, self.nbits_zeros, k, self.block
+            )
+        return super().matmul(x)
 
     def weight(self) -> torch.Tensor:
         w = self._dequantized().reshape(self.shape)
